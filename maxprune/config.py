@@ -1,0 +1,265 @@
+"""Configs: an ml_collections schema, merged with a config file and overrides, validated once.
+
+Every key a user can set is declared here with its default and type, so a typo
+or a wrong type fails at load with a one-line message naming the key, not deep
+inside a run. A config file (`get_config(arg=None)`) may be partial: it is merged
+onto `default_config()`, then `--config.a.b=value` overrides apply, then the
+section checks run, and the result is frozen so nothing changes it mid-run.
+
+A new section (data, train, prune, ...) is one builder and one check in `SECTIONS`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import importlib.util
+import re
+import typing
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import ml_collections
+from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
+
+from maxprune.errors import MaxpruneError
+from maxprune.model.arch import PRESETS, Arch, RopeScaling, preset
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+# ------------------------------------------------------------------ sections
+def _typed_placeholders(cls, skip=()) -> dict[str, Any]:
+    """Each dataclass field as a typed placeholder: None means "keep the preset's value"."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: placeholder(hints[f.name]) for f in dataclasses.fields(cls) if f.name not in skip}
+
+
+def _model_section() -> dict[str, Any]:
+    arch = _typed_placeholders(Arch, skip=("rope_scaling",))
+    # enabled=False drops the preset's scaling; any set field overrides it (or the defaults).
+    arch["rope_scaling"] = {"enabled": placeholder(bool), **_typed_placeholders(RopeScaling)}
+    return {"preset": "tiny", "arch": arch, "dtype": "bfloat16",
+            "remat": "none", "attention": "einsum", "scan_unroll": 1}
+
+
+def _check_model(cfg: ConfigDict) -> None:
+    _check_choice("model.preset", cfg.model.preset, sorted(PRESETS))
+    from maxprune.model.llama import ModelOptions
+    ModelOptions.from_config(cfg.model)  # dtype, remat and attention choices
+    arch_from_config(cfg)
+
+
+def _mesh_section() -> dict[str, Any]:
+    return {"data": 1, "fsdp": -1, "tensor": 1}  # -1: fill with the remaining devices
+
+
+def _check_mesh(cfg: ConfigDict) -> None:
+    for axis in MESH_AXES:
+        if cfg.mesh[axis] != -1 and cfg.mesh[axis] < 1:
+            raise MaxpruneError(f"mesh.{axis}={cfg.mesh[axis]} must be >= 1, or -1 to use "
+                                f"the remaining devices")
+    fill = [f"mesh.{axis}" for axis in MESH_AXES if cfg.mesh[axis] == -1]
+    if len(fill) > 1:
+        raise MaxpruneError(f"at most one mesh axis may be -1, got -1 for {', '.join(fill)}")
+
+
+def _check_seed(cfg: ConfigDict) -> None:
+    if cfg.seed < 0:
+        raise MaxpruneError(f"seed={cfg.seed} must be >= 0")
+
+
+class Section(NamedTuple):
+    build: Callable[[], Any]  # a dict of defaults (a section) or a plain default (a top-level key)
+    check: Callable[[ConfigDict], None]  # raises MaxpruneError; sees the whole config
+
+
+SECTIONS: dict[str, Section] = {
+    "model": Section(_model_section, _check_model),
+    "mesh": Section(_mesh_section, _check_mesh),
+    "seed": Section(lambda: 0, _check_seed),
+}
+
+
+def _check_choice(key: str, value: Any, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise MaxpruneError(f"{key}={value!r} is not valid; choose one of {', '.join(valid)}")
+
+
+# ------------------------------------------------------------------ public API
+def default_config() -> ConfigDict:
+    """The schema: every known key with its default; the type of each default is enforced."""
+    return ConfigDict({name: section.build() for name, section in SECTIONS.items()})
+
+
+def validate(cfg: ConfigDict) -> None:
+    """Range and choice checks of every section (types were checked on assignment)."""
+    for section in SECTIONS.values():
+        section.check(cfg)
+
+
+def load_config(spec: str | None, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Defaults <- `path.py[:arg]`'s get_config() <- `--config.a.b=value` overrides; validated, frozen."""
+    cfg = default_config()
+    if spec:
+        path, user = _read_file(spec)
+        _assign(cfg, "", user, f"in {path}")
+    for override in overrides:
+        key, value, raw = _parse_override(override)
+        _assign(cfg, key, value, f"in override {override!r}", raw)
+    validate(cfg)
+    # lock() only stops new keys; freezing also stops silent changes after validation.
+    return ml_collections.FrozenConfigDict(cfg)
+
+
+def arch_from_config(cfg: ConfigDict) -> Arch:
+    """`model.preset` with every non-None `model.arch` field applied."""
+    model = cfg.model
+    base = preset(model.preset)
+    changes = {k: v for k, v in model.arch.items() if k != "rope_scaling" and v is not None}
+    changes["rope_scaling"] = _rope_scaling(base.rope_scaling, model.arch.rope_scaling)
+    try:
+        return base.replace(**changes)
+    except MaxpruneError as e:
+        set_keys = [f"model.arch.{k}={v!r}" for k, v in changes.items() if k != "rope_scaling"]
+        raise MaxpruneError(f"model.preset={model.preset!r} with {', '.join(set_keys) or 'no overrides'} "
+                            f"is not a valid architecture: {e}") from None
+
+
+def to_dict(cfg: ConfigDict) -> dict[str, Any]:
+    """Plain nested dict (JSON-able) for provenance files."""
+    return cfg.to_dict()
+
+
+# ------------------------------------------------------------------ internals
+def _rope_scaling(base: RopeScaling | None, over: ConfigDict) -> RopeScaling | None:
+    fields = {k: v for k, v in over.items() if k != "enabled" and v is not None}
+    if over.enabled is False:
+        if fields:
+            raise MaxpruneError(f"model.arch.rope_scaling.enabled=False contradicts the set "
+                                f"field(s) {', '.join(fields)}")
+        return None
+    if not fields and not over.enabled:
+        return base
+    return dataclasses.replace(base or RopeScaling(), **fields)
+
+
+_SPEC = re.compile(r"(?P<path>.+?\.py)(?::(?P<arg>.*))?")
+
+
+def _read_file(spec: str) -> tuple[Path, Any]:
+    """Import `path.py` and call its get_config (with `arg` if the spec gave one)."""
+    match = _SPEC.fullmatch(spec)
+    if not match:
+        raise MaxpruneError(f"config {spec!r} is not of the form path/to/file.py[:arg]")
+    path, arg = Path(match["path"]), match["arg"]
+    if not path.is_file():
+        raise MaxpruneError(f"config file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_maxprune_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise MaxpruneError(f"config file {path} failed to import: {_describe(e)}") from e
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise MaxpruneError(f"config file {path} does not define get_config(arg=None)")
+    try:
+        user = get_config() if arg is None else get_config(arg)
+    except Exception as e:
+        call = "get_config()" if arg is None else f"get_config({arg!r})"
+        raise MaxpruneError(f"config file {path}: {call} raised {_describe(e)}") from e
+    if not isinstance(user, (Mapping, ConfigDict)):
+        raise MaxpruneError(f"config file {path}: get_config returned {type(user).__name__}, "
+                            f"expected a ConfigDict or dict")
+    return path, user
+
+
+def _parse_override(text: str) -> tuple[str, Any, str]:
+    """`--config.a.b=value` -> ("a.b", literal value or the raw string, raw string)."""
+    body = text.removeprefix("--")
+    key, eq, raw = body.removeprefix("config.").partition("=")
+    if not body.startswith("config.") or not key:
+        raise MaxpruneError(f"override {text!r} is not of the form --config.a.b=VALUE")
+    if not eq:
+        raise MaxpruneError(f"override {text!r} has no value; write --config.{key}=VALUE")
+    try:
+        return key, ast.literal_eval(raw), raw
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return key, raw, raw
+
+
+def _assign(cfg: ConfigDict, key: str, value: Any, source: str, raw: str | None = None) -> None:
+    """Set `key` (dotted; "" is the root) to `value`, recursing into mappings for sections."""
+    parent, name = _resolve(cfg, key, source)
+    target = parent[name] if name else cfg
+    if isinstance(target, ConfigDict):
+        if not isinstance(value, (Mapping, ConfigDict)):
+            raise MaxpruneError(f"config key {key!r} {source} is a section, got {value!r}; set its "
+                                f"keys instead: {', '.join(target.keys())}")
+        for sub, sub_value in value.items():
+            _assign(cfg, f"{key}.{sub}" if key else sub, sub_value, source)
+        return
+    expected = parent.get_type(name)
+    if raw is not None and expected is str and not isinstance(value, str) and value is not None:
+        value = raw  # e.g. --config.x=123 for a str field means "123"
+    parent[name] = _coerce(key, value, expected, source)
+
+
+def _resolve(cfg: ConfigDict, key: str, source: str) -> tuple[ConfigDict, str]:
+    """The ConfigDict holding `key` and its last name; an unknown key raises with a suggestion."""
+    if not key:
+        return cfg, ""
+    *path, name = key.split(".")
+    node, at = cfg, []
+    for part in [*path, name]:
+        if not isinstance(node, ConfigDict) or part not in node:
+            raise _unknown_key(cfg, key, source, node, ".".join(at))
+        parent, node = node, node[part]
+        at.append(part)
+    return parent, name
+
+
+def _unknown_key(cfg: ConfigDict, key: str, source: str, node: Any, at: str) -> MaxpruneError:
+    close = difflib.get_close_matches(key, [k for k, _ in _walk(cfg)], n=1)
+    if close:
+        hint = f"did you mean {close[0]!r}?"
+    elif isinstance(node, ConfigDict):
+        hint = f"valid keys{f' of {at!r}' if at else ''}: {', '.join(node.keys())}"
+    else:
+        hint = f"{at!r} is a value, not a section"
+    return MaxpruneError(f"unknown config key {key!r} {source}; {hint}")
+
+
+def _walk(cfg: ConfigDict, prefix: str = ""):
+    """(dotted key, value) of every section and value, depth first."""
+    for name, value in cfg.items():
+        yield prefix + name, value
+        if isinstance(value, ConfigDict):
+            yield from _walk(value, f"{prefix}{name}.")
+
+
+@functools.cache
+def _nullable_keys() -> frozenset[str]:
+    """Keys whose default is None (placeholders): None stays a valid value for them."""
+    return frozenset(key for key, value in _walk(default_config()) if value is None)
+
+
+def _coerce(key: str, value: Any, expected: type, source: str) -> Any:
+    """`value` as the schema's type: ints widen to floats; bools are not ints; None only for placeholders."""
+    if value is None and key in _nullable_keys():
+        return None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
+        return value
+    wanted = expected.__name__ + (" or None" if key in _nullable_keys() else "")
+    raise MaxpruneError(f"config key {key!r} {source} expects {wanted}, got {value!r} "
+                        f"({type(value).__name__})")
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"

@@ -1,0 +1,188 @@
+"""The Llama-3.1 decoder, scanned over layers, with optional pruning masks.
+
+Params (fp32, plain nested dict, layer-stacked: axis 0 of everything under
+``layers`` is the layer index)::
+
+    embed/embedding          [V, D]
+    layers/attn_norm/scale   [L, D]
+    layers/attn/q/kernel     [L, D, N*Hd]     query head n uses KV head n // (N/K)
+    layers/attn/k/kernel     [L, D, K*Hd]
+    layers/attn/v/kernel     [L, D, K*Hd]
+    layers/attn/o/kernel     [L, N*Hd, D]     (+ layers/attn/o/bias [L, D] if arch.out_bias)
+    layers/mlp_norm/scale    [L, D]
+    layers/mlp/gate/kernel   [L, D, F]
+    layers/mlp/up/kernel     [L, D, F]
+    layers/mlp/down/kernel   [L, F, D]        (+ layers/mlp/down/bias [L, D] if arch.out_bias)
+    final_norm/scale         [D]
+    lm_head/kernel           [D, V]           absent if arch.tie_embeddings
+
+Masks mirror the ``layers/attn/{q,k,v,o}/kernel`` and
+``layers/mlp/{gate,up,down}/kernel`` entries with bool arrays; a missing entry
+means dense (see `maxprune.model.masks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from maxprune.errors import MaxpruneError
+from maxprune.model import layers
+from maxprune.model.arch import Arch
+
+Params = dict[str, Any]
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How to run the model (not what it is): compute dtype, remat, attention kernel."""
+
+    dtype: str = "bfloat16"
+    remat: str = "none"
+    attention: str = "einsum"
+    scan_unroll: int = 1
+
+    def __post_init__(self):
+        for key, valid in (("dtype", DTYPES), ("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLS)):
+            value = getattr(self, key)
+            if value not in valid:
+                raise MaxpruneError(f"model.{key}={value!r} is not valid; choose one of {', '.join(valid)}")
+        if self.scan_unroll < 1:
+            raise MaxpruneError(f"model.scan_unroll={self.scan_unroll} must be >= 1")
+
+    @classmethod
+    def from_config(cls, model_cfg) -> "ModelOptions":
+        return cls(dtype=model_cfg.dtype, remat=model_cfg.remat,
+                   attention=model_cfg.attention, scan_unroll=model_cfg.scan_unroll)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Scan-shaped: ``(x, rope) -> (x, None)`` so `nn.scan` can stack it directly
+    and its params sit right under ``layers/``.
+    """
+
+    arch: Arch
+    options: ModelOptions = ModelOptions()
+
+    @nn.compact
+    def __call__(self, x_BLD, rope):
+        cos_BLH, sin_BLH = rope
+        a, dt = self.arch, self.options.compute_dtype
+        h = layers.RMSNorm(a.norm_eps, dt, name="attn_norm")(x_BLD)
+        x_BLD = x_BLD + layers.Attention(a, self.options.attention, dt, name="attn")(h, cos_BLH, sin_BLH)
+        h = layers.RMSNorm(a.norm_eps, dt, name="mlp_norm")(x_BLD)
+        x_BLD = x_BLD + layers.SwiGLU(a, dt, name="mlp")(h)
+        return layers.constrain(x_BLD, ("act_batch", "act_len", "act_embed")), None
+
+
+class Llama(nn.Module):
+    arch: Arch
+    options: ModelOptions = ModelOptions()
+
+    def setup(self):
+        a, dt = self.arch, self.options.compute_dtype
+        self.embed = nn.Embed(a.vocab_size, a.hidden_size, embedding_init=layers.KERNEL_INIT,
+                              dtype=dt, name="embed")
+        body = DecoderLayer
+        if self.options.remat != "none":
+            body = nn.remat(body, policy=REMAT_POLICIES[self.options.remat], prevent_cse=False)
+        self.layers = nn.scan(
+            body, variable_axes={"params": 0, "masks": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast,), length=a.num_layers, unroll=self.options.scan_unroll,
+        )(a, self.options, name="layers")
+        self.final_norm = layers.RMSNorm(a.norm_eps, dt, name="final_norm")
+        if not a.tie_embeddings:
+            self.lm_head = layers.MaskedDense(a.vocab_size, dtype=dt, out_dtype=jnp.float32,
+                                              name="lm_head")
+
+    def hidden_states(self, tokens_BL, positions_BL=None):
+        """Final-norm hidden states ``[B, L, D]`` (before the lm_head)."""
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        a = self.arch
+        inv_freq = layers.rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling)
+        rope = layers.rope_cos_sin(positions_BL, inv_freq)
+        x_BLD = layers.constrain(self.embed(tokens_BL), ("act_batch", "act_len", "act_embed"))
+        x_BLD, _ = self.layers(x_BLD, rope)
+        return self.final_norm(x_BLD)
+
+    def __call__(self, tokens_BL, positions_BL=None):
+        """Logits ``[B, L, V]`` in fp32."""
+        h_BLD = self.hidden_states(tokens_BL, positions_BL)
+        if self.arch.tie_embeddings:
+            w_VD = self.embed.embedding.astype(h_BLD.dtype)
+            logits = jnp.einsum("bld,vd->blv", h_BLD, w_VD, preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(h_BLD)
+        return layers.constrain(logits, ("act_batch", "act_len", "act_vocab"))
+
+
+# --------------------------------------------------------------- functional API
+def init_params(arch: Arch, rng: jax.Array) -> Params:
+    """Random Llama-style init (truncated normal 0.02 kernels/embedding, unit norms, zero biases)."""
+    model = Llama(arch, ModelOptions(dtype="float32"))
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return _unfreeze(jax.jit(model.init)(rng, tokens)["params"])
+
+
+def abstract_params(arch: Arch) -> Params:
+    """`ShapeDtypeStruct` tree of the params, without allocating them."""
+    return jax.eval_shape(lambda: init_params(arch, jax.random.key(0)))
+
+
+def forward(params: Params, tokens_BL: jax.Array, arch: Arch, masks: Params | None = None,
+            options: ModelOptions = ModelOptions(), positions_BL: jax.Array | None = None) -> jax.Array:
+    """Logits ``[B, L, V]`` (fp32) of `tokens_BL` under `params` (and `masks`)."""
+    variables = {"params": params}
+    if masks:
+        variables["masks"] = masks
+    return Llama(arch, options).apply(variables, tokens_BL, positions_BL)
+
+
+def apply_layer(layer_params: Params, x_BLD: jax.Array, arch: Arch, positions_BL=None,
+                layer_masks: Params | None = None, options: ModelOptions = ModelOptions()):
+    """Run one decoder layer (params sliced at one layer index) — for layer-wise pruning."""
+    if positions_BL is None:
+        positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
+    inv_freq = layers.rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling)
+    cos, sin = layers.rope_cos_sin(positions_BL, inv_freq)
+    variables = {"params": layer_params}
+    if layer_masks:
+        variables["masks"] = layer_masks
+    return DecoderLayer(arch, options).apply(variables, x_BLD, (cos, sin))[0]
+
+
+def next_token_loss(logits_BLV: jax.Array, tokens_BL: jax.Array, weights_BL: jax.Array | None = None):
+    """Mean cross-entropy of predicting token t+1 from position t, in fp32."""
+    logits = logits_BLV[:, :-1].astype(jnp.float32)
+    targets = tokens_BL[:, 1:]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = logz - picked
+    w = jnp.ones_like(nll) if weights_BL is None else weights_BL[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _unfreeze(tree):
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        return {k: _unfreeze(v) for k, v in tree.items()}
+    return tree

@@ -1,0 +1,181 @@
+"""The model directory: the one artefact every stage reads and writes.
+
+Layout::
+
+    arch.json          the Arch
+    params/            orbax checkpoint of the params pytree
+    masks/             orbax checkpoint of the masks pytree (sparse models only)
+    provenance.json    parent, method, pattern, ratio, tokens seen, config, code version
+    tokenizer/         tokenizer files, when known (optional)
+
+A model dir is written into a hidden sibling and renamed into place at the
+end, so an interrupted write never leaves something that looks complete.
+Loading restores each array straight into its sharding on a given mesh, so
+no host ever holds the whole model first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from maxprune import __version__, sharding
+from maxprune.errors import MaxpruneError
+from maxprune.model import masks as masks_lib
+from maxprune.model.arch import Arch
+
+ARCH_FILE = "arch.json"
+PROVENANCE_FILE = "provenance.json"
+PARAMS_DIR = "params"
+MASKS_DIR = "masks"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclasses.dataclass
+class ModelDir:
+    arch: Arch
+    params: dict
+    masks: dict | None
+    provenance: dict[str, Any]
+    path: Path
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        tok = self.path / TOKENIZER_DIR
+        return tok if tok.is_dir() else None
+
+
+# -------------------------------------------------------------------- outputs
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse to write into an existing non-empty dir unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MaxpruneError(f"output path {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise MaxpruneError(f"output dir {path} exists and is not empty; pass --overwrite to replace it")
+    return path
+
+
+def staging_dir(path: Path) -> Path:
+    """A fresh hidden sibling of `path` to write into before `commit_dir`."""
+    tmp = path.parent / f".{path.name}.partial"
+    if jax.process_index() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _sync("maxprune-staging")
+    return tmp
+
+
+def commit_dir(tmp: Path, path: Path) -> None:
+    """Atomically move a finished staging dir into place (replacing `path` if present)."""
+    _sync("maxprune-commit")
+    if jax.process_index() == 0:
+        old = path.parent / f".{path.name}.old"
+        if path.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            path.rename(old)
+        tmp.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
+    _sync("maxprune-committed")
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# ---------------------------------------------------------------------- save
+def save_model_dir(path: str | os.PathLike, arch: Arch, params: dict, masks: dict | None = None,
+                   provenance: dict | None = None, overwrite: bool = False,
+                   tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write a model dir; refuses a non-empty `path` unless `overwrite`."""
+    path = check_output_dir(path, overwrite).absolute()
+    masks_lib.validate_masks(params, masks)
+    tmp = staging_dir(path)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp / PARAMS_DIR, params)
+    if masks:
+        checkpointer.save(tmp / MASKS_DIR, masks)
+    checkpointer.wait_until_finished()
+    _write_json(tmp / ARCH_FILE, arch.to_dict())
+    record = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "code_version": __version__, **(provenance or {})}
+    _write_json(tmp / PROVENANCE_FILE, record)
+    if tokenizer_dir is not None and jax.process_index() == 0:
+        shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+    commit_dir(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------- load
+def read_arch(path: str | os.PathLike) -> Arch:
+    path = _require_model_dir(path)
+    try:
+        data = json.loads((path / ARCH_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise MaxpruneError(f"{path / ARCH_FILE} is not valid JSON: {e}") from None
+    return Arch.from_dict(data)
+
+
+def read_provenance(path: str | os.PathLike) -> dict:
+    file = Path(path) / PROVENANCE_FILE
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def load_model_dir(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
+                   as_numpy: bool = False) -> ModelDir:
+    """Load a model dir: onto `mesh` (sharded by logical axes), as host numpy, or onto device 0."""
+    path = _require_model_dir(path)
+    arch = read_arch(path)
+    params = _restore(path / PARAMS_DIR, mesh, as_numpy)
+    masks = _restore(path / MASKS_DIR, mesh, as_numpy) if (path / MASKS_DIR).exists() else None
+    masks_lib.validate_masks(params, masks)
+    return ModelDir(arch, params, masks, read_provenance(path), path)
+
+
+def _require_model_dir(path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise MaxpruneError(f"model dir {path} does not exist")
+    missing = [n for n in (ARCH_FILE, PARAMS_DIR) if not (path / n).exists()]
+    if missing:
+        raise MaxpruneError(f"{path} is not a model dir: missing {', '.join(missing)}")
+    return path.absolute()
+
+
+def _restore(ckpt: Path, mesh, as_numpy: bool):
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        meta = checkpointer.metadata(ckpt).item_metadata.tree
+    except Exception as e:  # orbax raises various types for unreadable dirs
+        raise MaxpruneError(f"cannot read checkpoint {ckpt}: {e}") from None
+    if as_numpy:
+        args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        return ocp.PyTreeCheckpointer().restore(ckpt, restore_args=args)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    else:
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
+        shardings = sharding.tree_shardings(abstract, mesh)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, shardings)
+    return checkpointer.restore(ckpt, target)

@@ -1,0 +1,1 @@
+"""The study: plan, run and report the paper's token-matched comparisons."""
