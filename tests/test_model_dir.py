@@ -84,6 +84,7 @@ def test_interrupted_write_never_looks_complete(tmp_path, tiny, monkeypatch):
     with pytest.raises(RuntimeError):
         model_dir.save_model_dir(tmp_path / "m", arch, params)
     assert not (tmp_path / "m").exists()
+    assert list(tmp_path.iterdir()) == []  # the staging dir is cleaned up too
     with pytest.raises(MaxpruneError, match="does not exist"):
         model_dir.load_model_dir(tmp_path / "m")
 

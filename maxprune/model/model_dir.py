@@ -110,6 +110,16 @@ def save_model_dir(path: str | os.PathLike, arch: Arch, params: dict, masks: dic
     path = check_output_dir(path, overwrite).absolute()
     masks_lib.validate_masks(params, masks)
     tmp = staging_dir(path)
+    try:
+        _write_contents(tmp, arch, params, masks, provenance, tokenizer_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, path)
+    return path
+
+
+def _write_contents(tmp: Path, arch, params, masks, provenance, tokenizer_dir) -> None:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / PARAMS_DIR, params)
     if masks:
@@ -121,8 +131,6 @@ def save_model_dir(path: str | os.PathLike, arch: Arch, params: dict, masks: dic
     _write_json(tmp / PROVENANCE_FILE, record)
     if tokenizer_dir is not None and jax.process_index() == 0:
         shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
-    commit_dir(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------------- load
