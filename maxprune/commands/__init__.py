@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
-MODULES = ("maxprune.commands.model", "maxprune.commands.convert")
+MODULES = ("maxprune.commands.model", "maxprune.commands.convert", "maxprune.commands.data")
 
 
 @dataclasses.dataclass(frozen=True)
