@@ -72,6 +72,85 @@ def _check_seed(cfg: ConfigDict) -> None:
         raise MaxpruneError(f"seed={cfg.seed} must be >= 0")
 
 
+def _data_section() -> dict[str, Any]:
+    return {
+        "train": placeholder(str),        # prepared dataset dir (`maxprune data prepare|builtin`)
+        "budgets": {"all": ":"},          # name -> token range, see maxprune.data.budgets
+        "range": "all",                   # the budget this run trains on
+        "allow_repeat": False,            # let a token budget exceed its range (epochs reshuffled)
+        "validation": placeholder(str),   # prepared dataset dir for validation loss
+        "workers": 0,                     # grain worker processes (0: read in threads)
+    }
+
+
+def _check_data(cfg: ConfigDict) -> None:
+    if cfg.data.workers < 0:
+        raise MaxpruneError(f"data.workers={cfg.data.workers} must be >= 0")
+
+
+def _train_section() -> dict[str, Any]:
+    return {
+        "init": placeholder(str),         # model dir to start from; unset = random init of `model`
+        "masks_from": placeholder(str),   # sparse scratch: random init under this model dir's masks
+        "tokens": placeholder(str),       # token budget, e.g. "2M" or "200B"
+        "global_batch": 8,                # sequences per step
+        "microbatches": 1,                # gradient accumulation steps per global batch
+        # The paper's recipe (Table 4)
+        "lr": 3e-4,
+        "lr_sweep": placeholder(tuple),   # e.g. (1e-5, 3e-5, 1e-4, 3e-4, 1e-3): prefix runs, lowest loss wins
+        "sweep_fraction": 0.1,            # prefix length of each sweep run, as a fraction of the steps
+        "warmup_ratio": 0.05,
+        "min_lr_ratio": 0.1,
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+        "grad_clip": 1.0,
+        # Checkpoints, logging, validation
+        "checkpoint_every": 100,
+        "keep_checkpoints": 2,
+        "async_checkpoint": True,
+        "log_every": 10,
+        "eval_every": 0,                  # steps between validation losses (0: at the end only)
+        "eval_sequences": 64,
+        "tensorboard": True,
+        "stop_after_steps": 0,            # stop (with a checkpoint) after this many steps in one call
+        # Distillation (beyond the paper): forward KL from a teacher model dir
+        "teacher": placeholder(str),
+        "kd_weight": 0.5,
+        "kd_temperature": 1.0,
+    }
+
+
+def _check_train(cfg: ConfigDict) -> None:
+    t = cfg.train
+    for key in ("global_batch", "microbatches", "checkpoint_every", "keep_checkpoints", "log_every",
+                "eval_sequences"):
+        if t[key] < 1:
+            raise MaxpruneError(f"train.{key}={t[key]} must be >= 1")
+    for key in ("eval_every", "stop_after_steps"):
+        if t[key] < 0:
+            raise MaxpruneError(f"train.{key}={t[key]} must be >= 0")
+    if t.tokens is not None:
+        from maxprune.data.budgets import parse_tokens
+        parse_tokens(t.tokens)
+    if not t.lr > 0:
+        raise MaxpruneError(f"train.lr={t.lr} must be > 0")
+    if t.lr_sweep is not None and (not t.lr_sweep or any(not lr > 0 for lr in t.lr_sweep)):
+        raise MaxpruneError(f"train.lr_sweep={t.lr_sweep} must be a non-empty list of positive LRs")
+    if not 0 < t.sweep_fraction <= 1:
+        raise MaxpruneError(f"train.sweep_fraction={t.sweep_fraction} must be in (0, 1]")
+    if not 0 <= t.warmup_ratio < 1 or not 0 <= t.min_lr_ratio <= 1:
+        raise MaxpruneError(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1) and "
+                            f"train.min_lr_ratio={t.min_lr_ratio} in [0, 1]")
+    if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1 and t.eps > 0 and t.weight_decay >= 0 and t.grad_clip > 0):
+        raise MaxpruneError("train.b1/b2 must be in [0, 1), train.eps and train.grad_clip > 0, "
+                            "train.weight_decay >= 0")
+    if not 0 <= t.kd_weight <= 1 or not t.kd_temperature > 0:
+        raise MaxpruneError(f"train.kd_weight={t.kd_weight} must be in [0, 1] and "
+                            f"train.kd_temperature={t.kd_temperature} > 0")
+
+
 class Section(NamedTuple):
     build: Callable[[], Any]  # a dict of defaults (a section) or a plain default (a top-level key)
     check: Callable[[ConfigDict], None]  # raises MaxpruneError; sees the whole config
@@ -81,6 +160,8 @@ SECTIONS: dict[str, Section] = {
     "model": Section(_model_section, _check_model),
     "mesh": Section(_mesh_section, _check_mesh),
     "seed": Section(lambda: 0, _check_seed),
+    "data": Section(_data_section, _check_data),
+    "train": Section(_train_section, _check_train),
 }
 
 
@@ -192,8 +273,36 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
         return key, raw, raw
 
 
+# Mappings whose entries the user names (e.g. budgets): str -> str, replaced or extended freely.
+OPEN_MAPPINGS = frozenset({"data.budgets"})
+
+
+def _assign_open(cfg: ConfigDict, key: str, value: Any, source: str, raw: str | None) -> bool:
+    """Handle `key` if it is an open mapping or one of its entries; False otherwise."""
+    head, _, entry = key.rpartition(".")
+    if key in OPEN_MAPPINGS:
+        if not isinstance(value, (Mapping, ConfigDict)):
+            raise MaxpruneError(f"config key {key!r} {source} must be a mapping of names to strings, "
+                                f"got {value!r}")
+        parent, name = _resolve(cfg, key, source)
+        parent[name] = ConfigDict({})
+        for sub, sub_value in value.items():
+            _assign_open(cfg, f"{key}.{sub}", sub_value, source, None)
+        return True
+    if head in OPEN_MAPPINGS:
+        value = raw if raw is not None and not isinstance(value, str) else value
+        if not isinstance(value, str):
+            raise MaxpruneError(f"config key {key!r} {source} expects a string, got {value!r}")
+        parent, name = _resolve(cfg, head, source)
+        parent[name][entry] = value
+        return True
+    return False
+
+
 def _assign(cfg: ConfigDict, key: str, value: Any, source: str, raw: str | None = None) -> None:
     """Set `key` (dotted; "" is the root) to `value`, recursing into mappings for sections."""
+    if _assign_open(cfg, key, value, source, raw):
+        return
     parent, name = _resolve(cfg, key, source)
     target = parent[name] if name else cfg
     if isinstance(target, ConfigDict):

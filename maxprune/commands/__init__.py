@@ -12,7 +12,8 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
-MODULES = ("maxprune.commands.model", "maxprune.commands.convert", "maxprune.commands.data")
+MODULES = ("maxprune.commands.model", "maxprune.commands.convert", "maxprune.commands.data",
+           "maxprune.commands.train")
 
 
 @dataclasses.dataclass(frozen=True)
