@@ -151,6 +151,16 @@ def _check_train(cfg: ConfigDict) -> None:
                             f"train.kd_temperature={t.kd_temperature} > 0")
 
 
+def _prune_section() -> dict[str, Any]:
+    from maxprune.prune import schema
+    return schema.section()
+
+
+def _check_prune(cfg: ConfigDict) -> None:
+    from maxprune.prune import schema
+    schema.check(cfg)
+
+
 class Section(NamedTuple):
     build: Callable[[], Any]  # a dict of defaults (a section) or a plain default (a top-level key)
     check: Callable[[ConfigDict], None]  # raises MaxpruneError; sees the whole config
@@ -162,6 +172,7 @@ SECTIONS: dict[str, Section] = {
     "seed": Section(lambda: 0, _check_seed),
     "data": Section(_data_section, _check_data),
     "train": Section(_train_section, _check_train),
+    "prune": Section(_prune_section, _check_prune),
 }
 
 

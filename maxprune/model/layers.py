@@ -38,6 +38,9 @@ class MaskedDense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        # Pruners read every linear's input from the "intermediates" collection;
+        # sow is a no-op unless that collection is mutable.
+        self.sow("intermediates", "input", x)
         kernel = self.param("kernel", KERNEL_INIT, (x.shape[-1], self.features), self.param_dtype)
         if self.has_variable("masks", "kernel"):
             mask = self.get_variable("masks", "kernel")
@@ -62,7 +65,9 @@ class RMSNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (scale.astype(jnp.float32) * x32.astype(x.dtype).astype(jnp.float32)).astype(self.dtype)
+        y = (scale.astype(jnp.float32) * x32.astype(x.dtype).astype(jnp.float32)).astype(self.dtype)
+        self.sow("intermediates", "output", y)  # Minitron-width's hidden-channel statistic
+        return y
 
 
 # ---------------------------------------------------------------------- RoPE

@@ -159,8 +159,15 @@ def forward(params: Params, tokens_BL: jax.Array, arch: Arch, masks: Params | No
 
 
 def apply_layer(layer_params: Params, x_BLD: jax.Array, arch: Arch, positions_BL=None,
-                layer_masks: Params | None = None, options: ModelOptions = ModelOptions()):
-    """Run one decoder layer (params sliced at one layer index) — for layer-wise pruning."""
+                layer_masks: Params | None = None, options: ModelOptions = ModelOptions(),
+                capture: bool = False):
+    """Run one decoder layer (params sliced at one layer index) — for layer-wise pruning.
+
+    With `capture=True` returns ``(y_BLD, intermediates)`` where intermediates
+    holds every linear's input (``attn/q/input``, ..., ``mlp/down/input``) and
+    both norms' outputs (``attn_norm/output``, ``mlp_norm/output``), each a
+    1-tuple as Flax's `sow` stores them.
+    """
     if positions_BL is None:
         positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
     inv_freq = layers.rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling)
@@ -168,7 +175,11 @@ def apply_layer(layer_params: Params, x_BLD: jax.Array, arch: Arch, positions_BL
     variables = {"params": layer_params}
     if layer_masks:
         variables["masks"] = layer_masks
-    return DecoderLayer(arch, options).apply(variables, x_BLD, (cos, sin))[0]
+    layer = DecoderLayer(arch, options)
+    if capture:
+        (y, _), state = layer.apply(variables, x_BLD, (cos, sin), mutable=["intermediates"])
+        return y, _unfreeze(state["intermediates"])
+    return layer.apply(variables, x_BLD, (cos, sin))[0]
 
 
 def next_token_loss(logits_BLV: jax.Array, tokens_BL: jax.Array, weights_BL: jax.Array | None = None):
