@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -29,6 +26,8 @@ from maxprune.convert import hf
 from maxprune.model import llama
 from maxprune.model.arch import Arch
 from maxprune.model.model_dir import save_model_dir
+
+from common import machine, random_params, time_runs
 
 RESULTS = Path(__file__).parent / "results" / "forward.json"
 QUICK = dict(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, ffn=192, seq=64, batch=2,
@@ -56,29 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def random_params(arch: Arch, seed: int = 0):
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        if path[-1].key == "scale":
-            return np.ones(leaf.shape, np.float32)
-        return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, llama.abstract_params(arch))
-
-
-def time_runs(fn, warmup: int, repeats: int) -> list[float]:
-    """Seconds per call of `fn` (which must block until its result is ready)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def maxprune_runner(params, arch: Arch, tokens_BL: np.ndarray, dtype: str):
     options = llama.ModelOptions(dtype=dtype)
     forward = jax.jit(lambda p, t: llama.forward(p, t, arch, options=options))
@@ -95,17 +71,6 @@ def torch_runner(hf_dir: Path, tokens_BL: np.ndarray):
             return model(tokens).logits
 
     return run
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(), "cpu_count": os.cpu_count(),
-        "jax": jax.__version__, "jax_backend": jax.default_backend(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__, "numpy": np.__version__,
-    }
 
 
 def main(argv=None) -> dict:
