@@ -89,8 +89,23 @@ def _run_inspect(args, cfg) -> int:
     print(f"{'params (dense)':26} {md.arch.num_params():,}")
     print(f"{'prunable non-zero':26} {nonzero:,} of {total:,} ({1 - nonzero / total:.2%} sparse)")
     print(f"{'masks':26} {'present' if md.masks else 'absent (dense)'}")
+    if md.masks:
+        _print_mask_check(md)
     print(f"{'provenance':26} {json.dumps(md.provenance, indent=2, sort_keys=True, default=str)}")
     return 0
+
+
+def _print_mask_check(md) -> None:
+    """Verify the masks (bool, shapes, exact zeros under them, N:M if the provenance says so); per-kernel sparsity."""
+    from maxprune.prune.report import verify_masks
+
+    pattern = md.provenance.get("pattern")
+    pattern = pattern if isinstance(pattern, str) and ":" in pattern else None
+    per_kernel = verify_masks(md.params, md.masks, pattern)
+    for name, value in per_kernel.items():
+        print(f"{'  sparsity ' + name:26} {value:.2%}")
+    print(f"{'masks verified':26} bool, shaped like their kernels, masked weights exactly zero"
+          + (f", valid {pattern}" if pattern else ""))
 
 
 def _load_or_init(path: str | None, cfg):
@@ -116,5 +131,5 @@ COMMANDS = [
     Command("forward", "run one forward pass on random tokens (smoke test)", _add_forward, _run_forward),
     Command("init", "write a randomly initialised model dir", _add_init, _run_init),
     Command("inspect", "describe a model dir: arch, parameters, sparsity, provenance",
-            _add_inspect, _run_inspect, takes_config=False),
+            _add_inspect, _run_inspect, takes_config=False, multihost=False),
 ]

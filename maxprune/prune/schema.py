@@ -19,20 +19,100 @@ def _sparsegpt() -> dict[str, Any]:
     return {"blocksize": 128, "percdamp": 0.01}
 
 
+# Structured methods (see maxprune.prune.shapes for ratio_of / multiple).
+RATIO_OF = ("prunable", "params")  # prune.ratio of the seven prunable kernels (as sparsity) or of all params
+DEPTH_CRITERIA = ("loss", "block_influence")
+FLAP_STRUCTURES = ("UL-MM", "UL-UM")  # AL-AM (global, non-uniform widths) is not implemented
+FLAP_METRICS = ("WIFV", "WIFN", "IFV")
+SEARCHABLE = ("minitron_width", "flap")  # methods with an architecture search (maxprune.prune.search)
+
+
 def _minitron_depth() -> dict[str, Any]:
-    return {"criterion": "loss", "layers_removed": placeholder(int)}
+    return {"criterion": "loss",                # "loss" (Minitron) or "block_influence" (ShortGPT, one forward)
+            "layers_removed": placeholder(int),  # default: from prune.ratio
+            "ratio_of": "prunable"}
 
 
 def _minitron_width() -> dict[str, Any]:
-    return {"hidden_size": placeholder(int), "ffn_size": placeholder(int), "prune_heads": False}
+    return {"hidden_size": placeholder(int),     # target hidden size (or prune.search.enabled)
+            "ffn_size": placeholder(int),        # default: fills prune.ratio at that hidden size
+            "num_heads": placeholder(int),       # query heads kept, evenly per KV group; default all (the paper)
+            "ratio_of": "prunable",
+            "multiple": placeholder(int)}        # size rounding; default 128 (scaled down for small models)
 
 
 def _flap() -> dict[str, Any]:
-    return {"structure": "UL-MM", "metric": "WIFV", "num_heads": placeholder(int), "ffn_size": placeholder(int)}
+    return {"structure": "UL-MM",                # UL-MM (the paper's) or UL-UM
+            "metric": "WIFV",
+            "num_heads": placeholder(int),       # UL-MM: query heads kept, whole KV groups (or prune.search.enabled)
+            "ffn_size": placeholder(int),        # default: fills prune.ratio
+            "ratio_of": "prunable",
+            "multiple": placeholder(int)}
+
+
+def _sheared() -> dict[str, Any]:
+    """Sheared LLaMA's mask learning (maxprune.prune.sheared); defaults are the original's but the budget."""
+    return {"tokens": "64K",                    # mask-learning budget (the paper's: 3200 steps x 32 x 4096 = 0.42B)
+            "global_batch": 8,                  # sequences per step (one hard-concrete sample per step)
+            "microbatches": 1,                  # gradient accumulation inside a step
+            "lr": 1e-4,                         # model weights
+            "mask_lr": 1.0,                     # log-alpha of the gates
+            "lambda_lr": -1.0,                  # Lagrange multipliers; negative = gradient ascent (original's sign)
+            "warmup_ratio": 0.1,                # LR warmup (320 of 3200 steps), then cosine to min_lr_ratio
+            "min_lr_ratio": 0.1,
+            "lagrangian_warmup": placeholder(int),  # steps for the target sparsity to ramp from 0; default 10 %
+            "b1": 0.9, "b2": 0.95, "eps": 1e-8, "grad_clip": 1.0,
+            "hidden_size": placeholder(int),    # target shape; unset: shapes.target_arch at prune.ratio
+            "num_heads": placeholder(int),      # query heads kept, whole KV groups
+            "ffn_size": placeholder(int),       # default: fills prune.ratio
+            "num_layers": placeholder(int),
+            "ratio_of": "prunable",
+            "multiple": placeholder(int),
+            "remat": "none",                    # model.remat choices; "full" for long sequences
+            "log_every": 10}                    # steps between recorded trajectory points (and the last)
 
 
 def _search() -> dict[str, Any]:
-    return {"enabled": False}
+    return {"enabled": False}                   # minitron_width / flap: try every candidate shape at prune.ratio
+
+
+def _check_structured(p) -> None:
+    def choice(key, value, valid):
+        if value not in valid:
+            raise MaxpruneError(f"prune.{key}={value!r} is not valid; choose one of {', '.join(valid)}")
+
+    def positive(key, value):
+        if value is not None and value < 1:
+            raise MaxpruneError(f"prune.{key}={value} must be >= 1")
+
+    d, w, f = p.minitron_depth, p.minitron_width, p.flap
+    choice("minitron_depth.criterion", d.criterion, DEPTH_CRITERIA)
+    if f.structure == "AL-AM":
+        raise MaxpruneError("prune.flap.structure='AL-AM' (global, non-uniform widths) is not implemented; "
+                            "choose UL-MM (the paper's) or UL-UM")
+    choice("flap.structure", f.structure, FLAP_STRUCTURES)
+    choice("flap.metric", f.metric, FLAP_METRICS)
+    for name, sub in (("minitron_depth", d), ("minitron_width", w), ("flap", f)):
+        choice(f"{name}.ratio_of", sub.ratio_of, RATIO_OF)
+    for key in ("minitron_depth.layers_removed", "minitron_width.hidden_size", "minitron_width.ffn_size",
+                "minitron_width.num_heads", "minitron_width.multiple", "flap.num_heads", "flap.ffn_size",
+                "flap.multiple"):
+        section, name = key.split(".")
+        positive(key, p[section][name])
+    if f.structure == "UL-UM" and (f.num_heads is not None or f.ffn_size is not None):
+        raise MaxpruneError("prune.flap.structure='UL-UM' derives the shape from prune.ratio; unset "
+                            "prune.flap.num_heads and prune.flap.ffn_size (or use UL-MM)")
+    if w.ffn_size is not None and w.hidden_size is None:
+        raise MaxpruneError("prune.minitron_width.ffn_size needs prune.minitron_width.hidden_size too")
+    if p.search.enabled:
+        if p.method not in SEARCHABLE:
+            raise MaxpruneError(f"prune.search.enabled is for {', '.join(SEARCHABLE)}, not {p.method}")
+        fixed = {"minitron_width": ("hidden_size", "ffn_size"), "flap": ("num_heads", "ffn_size")}[p.method]
+        given = [k for k in fixed if p[p.method][k] is not None]
+        if given:
+            raise MaxpruneError(f"prune.search.enabled searches the shape; unset prune.{p.method}.{given[0]}")
+        if p.method == "flap" and f.structure == "UL-UM":
+            raise MaxpruneError("prune.flap.structure='UL-UM' fixes the shape; prune.search.enabled needs UL-MM")
 
 
 def section() -> dict[str, Any]:
@@ -52,6 +132,7 @@ def section() -> dict[str, Any]:
         "minitron_depth": _minitron_depth(),
         "minitron_width": _minitron_width(),
         "flap": _flap(),
+        "sheared_llama": _sheared(),
         "search": _search(),
     }
 
@@ -92,3 +173,38 @@ def check(cfg) -> None:
         raise MaxpruneError(f"prune.seq_len={p.seq_len} must be >= 2")
     if p.order not in ("reference", "sequential"):
         raise MaxpruneError(f"prune.order={p.order!r} is not valid; choose reference or sequential")
+    _check_structured(p)
+    _check_sheared(p.sheared_llama)
+
+
+def _check_sheared(c) -> None:
+    for key in ("global_batch", "microbatches", "log_every"):
+        if c[key] < 1:
+            raise MaxpruneError(f"prune.sheared_llama.{key}={c[key]} must be >= 1")
+    for key in ("hidden_size", "num_heads", "ffn_size", "num_layers", "multiple"):
+        if c[key] is not None and c[key] < 1:
+            raise MaxpruneError(f"prune.sheared_llama.{key}={c[key]} must be >= 1")
+    if c.global_batch % c.microbatches:
+        raise MaxpruneError(f"prune.sheared_llama.global_batch={c.global_batch} is not divisible by "
+                            f"prune.sheared_llama.microbatches={c.microbatches}")
+    if c.lagrangian_warmup is not None and c.lagrangian_warmup < 0:
+        raise MaxpruneError(f"prune.sheared_llama.lagrangian_warmup={c.lagrangian_warmup} must be >= 0 steps")
+    if not (c.lr > 0 and c.mask_lr > 0):
+        raise MaxpruneError(f"prune.sheared_llama.lr={c.lr} and mask_lr={c.mask_lr} must be > 0")
+    if not c.lambda_lr < 0:
+        raise MaxpruneError(f"prune.sheared_llama.lambda_lr={c.lambda_lr} must be < 0: the multipliers follow "
+                            f"gradient ascent (the original's convention, -1.0)")
+    if not (0 <= c.warmup_ratio < 1 and 0 <= c.min_lr_ratio <= 1):
+        raise MaxpruneError(f"prune.sheared_llama.warmup_ratio={c.warmup_ratio} must be in [0, 1) and "
+                            f"min_lr_ratio={c.min_lr_ratio} in [0, 1]")
+    if not (0 <= c.b1 < 1 and 0 <= c.b2 < 1 and c.eps > 0 and c.grad_clip > 0):
+        raise MaxpruneError("prune.sheared_llama.b1/b2 must be in [0, 1), eps and grad_clip > 0")
+    if c.ratio_of not in RATIO_OF:
+        raise MaxpruneError(f"prune.sheared_llama.ratio_of={c.ratio_of!r} is not valid; choose one of "
+                            f"{', '.join(RATIO_OF)}")
+    from maxprune.data.budgets import parse_tokens
+    from maxprune.model.llama import REMAT_POLICIES
+    parse_tokens(c.tokens)
+    if c.remat not in REMAT_POLICIES:
+        raise MaxpruneError(f"prune.sheared_llama.remat={c.remat!r} is not valid; choose one of "
+                            f"{', '.join(REMAT_POLICIES)}")

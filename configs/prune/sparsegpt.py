@@ -1,0 +1,31 @@
+"""SparseGPT (Frantar & Alistarh 2023) at the reference's settings: blocksize 128, percdamp 0.01.
+
+Usage::
+
+    maxprune prune --config configs/prune/sparsegpt.py[:2:4] \
+        --config.prune.input=PARENT_DIR --config.prune.output=OUT_DIR \
+        --config.prune.calibration=CALIBRATION [--overwrite]
+
+`ARG` is the sparsity pattern: ``unstructured`` (default, 50 %) or ``N:M``
+(ratio N/M). prune.seq_len defaults to 8192 for a source spec and to the
+sequences' length for a prepared dataset or .npy. CALIBRATION: a source spec (e.g. C4 json.gz shards; the paper's 128 x 8192
+tokens, random windows of long documents as in the reference), a prepared
+dataset dir, or a .npy of token ids.
+``prune.order=sequential`` reproduces the reference's ``--true-sequential``.
+Statistics run in fp32 (``model.dtype``); ``--config.model.dtype=bfloat16``
+halves the calibration activations' memory at some accuracy cost.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    pattern = arg or "unstructured"
+    ratio = 0.5
+    if pattern != "unstructured":
+        n, m = (int(v) for v in pattern.split(":"))
+        ratio = n / m
+    prune = {"method": "sparsegpt", "pattern": pattern, "ratio": ratio,
+             "n_samples": 128, "batch_size": 8, "order": "reference",
+             "sparsegpt": {"blocksize": 128, "percdamp": 0.01}}
+    return ml_collections.ConfigDict({"prune": prune, "model": {"dtype": "float32"}})

@@ -1,0 +1,55 @@
+"""Magnitude pruning: the baseline of the Wanda repository (``prune_magnitude``).
+
+Unstructured: ONE threshold per matrix, ``sort(|W|.flatten())[int(numel · ratio)]``,
+pruning ``|W| <= threshold`` (so one weight more than ``int(numel · ratio)`` on
+tie-free data, as there). N:M: the n smallest |W| of every m consecutive inputs
+of each output. Needs no calibration; given some, the report still measures
+each linear's reconstruction error on it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from maxprune.prune import engine, nm as nm_lib, report
+from maxprune.prune.api import register
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def magnitude_keep(w_IO: jax.Array, ratio: float, n_m: tuple[int, int] | None) -> jax.Array:
+    score_IO = jnp.abs(w_IO.astype(jnp.float32))
+    if n_m is not None:
+        return nm_lib.prune_n_of_m(score_IO, *n_m)
+    return nm_lib.prune_at_or_below_kth(score_IO, int(w_IO.size * ratio))
+
+
+class MagnitudePruner:
+    accumulator = None  # no statistics
+
+    def __init__(self, ratio: float, n_m: tuple[int, int] | None):
+        self.ratio, self.n_m = ratio, n_m
+
+    def prune_layer(self, layer_params, stats, linears: Sequence[str]):
+        kernels = {name: engine.get_linear(layer_params, name) for name in linears}
+        return layer_params, _magnitude_layer(kernels, self.ratio, self.n_m), {}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _magnitude_layer(kernels, ratio, n_m):
+    """All of a layer's keep-masks in one program."""
+    return {name: magnitude_keep(w, ratio, n_m) for name, w in kernels.items()}
+
+
+def check(arch, cfg) -> None:
+    nm_lib.check_fits(arch, cfg.pattern)
+
+
+@register("magnitude")
+def prune(params, arch, calibration_NL, cfg):
+    pruner = MagnitudePruner(cfg.ratio, nm_lib.check_fits(arch, cfg.pattern))
+    result = engine.prune_layerwise(params, arch, calibration_NL, pruner, engine.options_for(cfg))
+    return report.finish(result, "magnitude", cfg.pattern, cfg.ratio)

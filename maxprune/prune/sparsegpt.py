@@ -1,0 +1,223 @@
+"""SparseGPT (Frantar & Alistarh 2023): prune with OBS weight updates, block by block.
+
+Reference: IST-DASLab/sparsegpt ``SparseGPT.fasterprune`` (blocksize 128,
+percdamp 0.01; see METHODS.md), reproduced step for step:
+
+- ``H = (2 / n_sequences) · Σ XᵀX`` in fp32 (their running mean);
+- dead inputs (``H_ii == 0``): ``H_ii = 1`` and their weights zeroed;
+- ``H += percdamp · mean(diag H) · I``; ``Hinv`` = upper Cholesky factor of H⁻¹;
+- per block of `blocksize` inputs ``[i1, i2)``: unstructured — one threshold over
+  the block's ``W1² / diag(Hinv1)²`` chosen at the block start; N:M — at every
+  input ``i % m == 0`` the n smallest of the *current* ``W1[i:i+m]``'s scores;
+  then input by input ``err = (w − q) / Hinv1[i,i]``, ``W1[i:] −= Hinv1[i, i:]ᵀ ⊗ err``;
+  after the block ``W[i2:] −= Hinv[i1:i2, i2:]ᵀ @ Err1``.
+
+Layout: the reference's weight is ``[out, in]`` and walks its columns; our
+kernel is ``[in, out]``, so the same walk goes over our *rows* (contiguous
+here). The whole thing is one jitted program per kernel shape: `lax.fori_loop`
+over blocks, over the inputs of a block, and over the blocks after it for the
+lazy update (its exact triangular work, as the reference does, instead of a
+masked full-width matmul that would double it). The input dim is padded to a
+multiple of `blocksize` with dead inputs (identity in Hinv, zero weights), which
+leaves the real part unchanged; the last block's threshold counts only real
+entries. Matmuls run at full fp32 precision (TPUs default to bf16 passes).
+
+The inverse-Hessian factor depends only on the input site, so q/k/v (and
+gate/up) share one Cholesky.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from maxprune.errors import MaxpruneError
+from maxprune.prune import engine, nm as nm_lib, report
+from maxprune.prune.api import register
+from maxprune.prune.wanda import LINEAR_SITES
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Hessians:
+    """``(2 / n_sequences) · Σ_tokens x xᵀ`` per input site, fp32."""
+
+    sites: tuple[str, ...] = LINEAR_SITES
+
+    def init(self, dims: Mapping[str, int]):
+        return {site: jnp.zeros((d, d), jnp.float32) for site, d in dims.items()}
+
+    def update(self, stats, inputs):
+        out = {}
+        for site, h_II in stats.items():
+            x = inputs[site].astype(jnp.float32)
+            out[site] = h_II + jnp.einsum("bli,blj->ij", x, x, precision=HIGHEST)
+        return out
+
+    def finalize(self, stats, n_sequences: int):
+        return {site: h * (2.0 / n_sequences) for site, h in stats.items()}
+
+
+# -------------------------------------------------------- inverse Hessian
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def inverse_hessian_factor(h_II: jax.Array, percdamp: float, blocksize: int):
+    """(upper Cholesky factor of the damped H⁻¹, padded to a multiple of `blocksize`; dead inputs)."""
+    I = h_II.shape[0]
+    dead_I = jnp.diag(h_II) == 0
+    h_II = h_II + jnp.diag(dead_I.astype(h_II.dtype))
+    h_II = h_II + percdamp * jnp.mean(jnp.diag(h_II)) * jnp.eye(I, dtype=h_II.dtype)
+    upper_II = _upper_cholesky_of_inverse(h_II)
+    P = math.ceil(I / blocksize) * blocksize
+    upper_PP = jnp.eye(P, dtype=h_II.dtype).at[:I, :I].set(upper_II)
+    return upper_PP, dead_I
+
+
+def _upper_cholesky_of_inverse(h_II):
+    """U upper triangular with ``UᵀU = H⁻¹``: the reference's cholesky → cholesky_inverse → cholesky(upper).
+
+    Computed as ``P · chol(P H P)⁻¹ · P`` (P reverses the order): with
+    ``P H P = L Lᵀ``, ``A = P L⁻¹ P`` is upper triangular with a positive
+    diagonal and ``AᵀA = P (L Lᵀ)⁻¹ P = H⁻¹``, so it is that unique factor —
+    one Cholesky and one triangular inverse instead of two Choleskys and an inverse.
+    """
+    I = h_II.shape[0]
+    lower_rev = jnp.linalg.cholesky(h_II[::-1, ::-1])
+    inv_rev = jax.scipy.linalg.solve_triangular(lower_rev, jnp.eye(I, dtype=h_II.dtype), lower=True)
+    return jnp.triu(inv_rev[::-1, ::-1])
+
+
+# -------------------------------------------------------------- fasterprune
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def fasterprune(w_IO: jax.Array, hinv_PP: jax.Array, dead_I: jax.Array, ratio: float,
+                n_m: tuple[int, int] | None, blocksize: int):
+    """(updated kernel, keep-mask, Σ OBS losses) of one kernel ``[in, out]`` given its Hinv factor."""
+    I, O = w_IO.shape
+    P, B = hinv_PP.shape[0], blocksize
+    nb = P // B
+    w_PO = jnp.zeros((P, O), jnp.float32).at[:I].set(jnp.where(dead_I[:, None], 0.0, w_IO.astype(jnp.float32)))
+    # int(numel * ratio) of the reference: full blocks, and the (maybe narrower) last one
+    k_full, k_last = int(B * O * ratio), int((I - (nb - 1) * B) * O * ratio)
+
+    def block(b, carry):
+        w_PO, prune_PO, loss = carry
+        i1 = b * B
+        w1_BO = lax.dynamic_slice(w_PO, (i1, 0), (B, O))
+        hinv1_BB = lax.dynamic_slice(hinv_PP, (i1, i1), (B, B))
+        d1_B = jnp.diag(hinv1_BB)
+        if n_m is None:
+            prune1 = _block_threshold(w1_BO, d1_B, i1 + jnp.arange(B) < I, jnp.where(b == nb - 1, k_last, k_full))
+        else:
+            prune1 = jnp.zeros((B, O), bool)
+        q1_BO, prune1, err1_BO, block_loss = _prune_columns(w1_BO, hinv1_BB, prune1, n_m)
+        w_PO = lax.dynamic_update_slice(w_PO, q1_BO, (i1, 0))
+        prune_PO = lax.dynamic_update_slice(prune_PO, prune1, (i1, 0))
+        w_PO = _lazy_update(w_PO, hinv_PP, err1_BO, b, nb, B)
+        return w_PO, prune_PO, loss + block_loss
+
+    init = (w_PO, jnp.zeros((P, O), bool), jnp.zeros((), jnp.float32))
+    w_PO, prune_PO, loss = lax.fori_loop(0, nb, block, init)
+    return w_PO[:I].astype(w_IO.dtype), ~prune_PO[:I], loss
+
+
+def _block_threshold(w1_BO, d1_B, real_B, k):
+    """Unstructured: prune every ``W1² / d²`` <= the k-th smallest of the block (padded rows never)."""
+    tmp = jnp.square(w1_BO) / jnp.square(d1_B)[:, None]
+    tmp = jnp.where(real_B[:, None], tmp, jnp.inf)
+    return ~nm_lib.prune_at_or_below_kth(tmp, k)
+
+
+def _prune_columns(w1_BO, hinv1_BB, prune1_BO, n_m):
+    """The reference's inner loop over one block's inputs: choose (N:M), quantize to 0, propagate."""
+    B, O = w1_BO.shape
+    d1_B = jnp.diag(hinv1_BB)
+
+    def column(i, carry):
+        w1, prune1, err1, loss = carry
+        if n_m is not None:
+            prune1 = lax.cond(i % n_m[1] == 0, lambda p: _nm_group(p, w1, d1_B, i, n_m), lambda p: p, prune1)
+        w_O = w1[i]
+        d = hinv1_BB[i, i]
+        q_O = jnp.where(prune1[i], 0.0, w_O)
+        err_O = (w_O - q_O) / d
+        w1 = w1 - jnp.outer(hinv1_BB[i], err_O)  # hinv1 is upper triangular: rows < i untouched
+        w1 = w1.at[i].set(q_O)
+        err1 = err1.at[i].set(err_O)
+        return w1, prune1, err1, loss + jnp.sum(jnp.square(w_O - q_O)) / d ** 2 / 2
+
+    init = (w1_BO, prune1_BO, jnp.zeros((B, O), jnp.float32), jnp.zeros((), jnp.float32))
+    return lax.fori_loop(0, B, column, init)
+
+
+def _nm_group(prune1_BO, w1_BO, d1_B, i, n_m):
+    n, m = n_m
+    O = w1_BO.shape[1]
+    tmp_MO = jnp.square(lax.dynamic_slice(w1_BO, (i, 0), (m, O))) / jnp.square(lax.dynamic_slice(d1_B, (i,), (m,)))[:, None]
+    return lax.dynamic_update_slice(prune1_BO, ~nm_lib.prune_n_of_m(tmp_MO, n, m), (i, 0))
+
+
+def _lazy_update(w_PO, hinv_PP, err1_BO, b, nb, B):
+    """``W[i2:] −= Hinv[i1:i2, i2:]ᵀ @ Err1``, one later block at a time (exact triangular work)."""
+    O = w_PO.shape[1]
+
+    def later(j, w_PO):
+        h_BB = lax.dynamic_slice(hinv_PP, (b * B, j * B), (B, B))
+        w_BO = lax.dynamic_slice(w_PO, (j * B, 0), (B, O))
+        return lax.dynamic_update_slice(w_PO, w_BO - jnp.matmul(h_BB.T, err1_BO, precision=HIGHEST), (j * B, 0))
+
+    return lax.fori_loop(b + 1, nb, later, w_PO)
+
+
+# ------------------------------------------------------------------ pruner
+class SparseGPTPruner:
+    def __init__(self, ratio: float, n_m: tuple[int, int] | None, blocksize: int, percdamp: float):
+        self.ratio, self.n_m, self.blocksize, self.percdamp = ratio, n_m, blocksize, percdamp
+        self.accumulator = Hessians()
+
+    def prune_layer(self, layer_params, stats, linears: Sequence[str]):
+        factors, kernels, masks, rows = {}, {}, {}, {}
+        for name in linears:
+            site = engine.SITE_OF[name]
+            if site not in factors:
+                factors[site] = self._factor(stats[site], site)
+            w, keep, loss = fasterprune(engine.get_linear(layer_params, name), *factors[site], self.ratio,
+                                        self.n_m, self.blocksize)
+            kernels[name], masks[name] = w, keep
+            rows[name] = {"obs_loss": float(loss), "dead_inputs": int(jnp.sum(factors[site][1]))}
+        return engine.set_linears(layer_params, kernels), masks, rows
+
+    def _factor(self, h_II, site):
+        hinv, dead = inverse_hessian_factor(h_II, self.percdamp, self.blocksize)
+        if not bool(jnp.all(jnp.isfinite(hinv))):
+            raise MaxpruneError(f"the Hessian of {site} is not positive definite after damping "
+                                f"(prune.sparsegpt.percdamp={self.percdamp}); raise percdamp or use more "
+                                f"calibration tokens")
+        return hinv, dead
+
+
+def check(arch, cfg) -> None:
+    """Settings and shapes, before calibration is loaded."""
+    s = cfg.sparsegpt
+    if s.blocksize < 1:
+        raise MaxpruneError(f"prune.sparsegpt.blocksize={s.blocksize} must be >= 1")
+    if not s.percdamp >= 0:
+        raise MaxpruneError(f"prune.sparsegpt.percdamp={s.percdamp} must be >= 0")
+    n_m = nm_lib.check_fits(arch, cfg.pattern)
+    if n_m is not None and s.blocksize % n_m[1]:
+        raise MaxpruneError(f"prune.sparsegpt.blocksize={s.blocksize} must be a multiple of M={n_m[1]} "
+                            f"for prune.pattern={cfg.pattern!r}")
+
+
+@register("sparsegpt")
+def prune(params, arch, calibration_NL, cfg):
+    check(arch, cfg)
+    s = cfg.sparsegpt
+    pruner = SparseGPTPruner(cfg.ratio, nm_lib.check_fits(arch, cfg.pattern), s.blocksize, s.percdamp)
+    result = engine.prune_layerwise(params, arch, calibration_NL, pruner, engine.options_for(cfg))
+    return report.finish(result, "sparsegpt", cfg.pattern, cfg.ratio)

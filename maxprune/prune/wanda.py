@@ -1,0 +1,78 @@
+"""Wanda (Sun et al. 2023): prune by |W| · ‖X_j‖, per output, from one calibration pass.
+
+Reference: locuslab/wanda ``prune_wanda`` (see METHODS.md). Per input channel j,
+``s_j = Σ_tokens x_j² / n_sequences`` in fp32 (their running mean over
+sequences); score ``|W_ji| · sqrt(s_j)`` (our kernel is ``[in, out]``: torch's
+row i is our column i). Unstructured: every output keeps exactly
+``in − int(in · ratio)`` weights, the lowest scores pruned by a stable sort.
+N:M: the n lowest of every m consecutive inputs of each output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from maxprune.prune import engine, nm as nm_lib, report
+from maxprune.prune.api import register
+
+LINEAR_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
+
+
+@dataclasses.dataclass(frozen=True)
+class SquaredNorms:
+    """Σ over tokens of x_j² per input channel, divided by the number of sequences."""
+
+    sites: tuple[str, ...] = LINEAR_SITES
+
+    def init(self, dims: Mapping[str, int]):
+        return {site: jnp.zeros((d,), jnp.float32) for site, d in dims.items()}
+
+    def update(self, stats, inputs):
+        return {site: stats[site] + jnp.sum(jnp.square(inputs[site].astype(jnp.float32)), axis=(0, 1))
+                for site in stats}
+
+    def finalize(self, stats, n_sequences: int):
+        return {site: s / n_sequences for site, s in stats.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def wanda_keep(w_IO: jax.Array, s_I: jax.Array, ratio: float, n_m: tuple[int, int] | None) -> jax.Array:
+    """Keep-mask of one kernel from its input channels' mean squared norms."""
+    score_IO = jnp.abs(w_IO.astype(jnp.float32)) * jnp.sqrt(s_I)[:, None]
+    if n_m is not None:
+        return nm_lib.prune_n_of_m(score_IO, *n_m)
+    return nm_lib.prune_lowest_per_output(score_IO, int(w_IO.shape[0] * ratio))
+
+
+class WandaPruner:
+    def __init__(self, ratio: float, n_m: tuple[int, int] | None):
+        self.ratio, self.n_m = ratio, n_m
+        self.accumulator = SquaredNorms()
+
+    def prune_layer(self, layer_params, stats, linears: Sequence[str]):
+        kernels = {name: engine.get_linear(layer_params, name) for name in linears}
+        norms = {name: stats[engine.SITE_OF[name]] for name in linears}
+        return layer_params, _wanda_layer(kernels, norms, self.ratio, self.n_m), {}
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _wanda_layer(kernels, norms, ratio, n_m):
+    """All of a layer's keep-masks in one program."""
+    return {name: wanda_keep(w, norms[name], ratio, n_m) for name, w in kernels.items()}
+
+
+def check(arch, cfg) -> None:
+    """Before calibration is loaded: the pattern fits the shapes."""
+    nm_lib.check_fits(arch, cfg.pattern)
+
+
+@register("wanda")
+def prune(params, arch, calibration_NL, cfg):
+    pruner = WandaPruner(cfg.ratio, nm_lib.check_fits(arch, cfg.pattern))
+    result = engine.prune_layerwise(params, arch, calibration_NL, pruner, engine.options_for(cfg))
+    return report.finish(result, "wanda", cfg.pattern, cfg.ratio)
