@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from maxprune import config
 
         cfg = config.load_config(args.config, overrides) if args.command_.takes_config else None
+        if args.command_.multihost:  # before any JAX call; a no-op unless the environment asks
+            from maxprune import distributed
+            distributed.initialize()
         return args.command_.run(args, cfg)
     except MaxpruneError as e:
         print(f"maxprune: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -33,4 +33,4 @@ def _run(args, cfg) -> int:
 
 
 COMMANDS = [Command("convert", "convert between HF checkpoints and model dirs",
-                    _add_arguments, _run, takes_config=False)]
+                    _add_arguments, _run, takes_config=False, multihost=False)]

@@ -126,5 +126,5 @@ def _run_data(args, cfg) -> int:
 
 COMMANDS = [
     Command("data", "prepare and inspect training data: prepare, train-tokenizer, inspect, builtin",
-            _add_data, _run_data, takes_config=False),
+            _add_data, _run_data, takes_config=False, multihost=False),
 ]

@@ -15,7 +15,11 @@ def _add_train(parser) -> None:
 def _run_train(args, cfg) -> int:
     from maxprune.train import trainer
 
+    import jax
+
     result = trainer.train(cfg, args.run_dir, progress=not args.quiet)
+    if jax.process_index() != 0:  # one report per job, not per host
+        return 0
     if result.status == "stopped":
         print(f"stopped at step {result.steps} ({result.tokens_seen:,} tokens); "
               f"run the same command again to resume")

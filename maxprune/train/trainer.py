@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from maxprune import sharding
@@ -183,8 +184,15 @@ def masks_hash(masks) -> str | None:
     digest = hashlib.sha256()
     for block, name, mask in masks_lib.iter_masks(masks):
         digest.update(f"{block}/{name}".encode())
-        digest.update(np.packbits(np.asarray(jax.device_get(mask))).tobytes())
+        digest.update(np.packbits(_fetch(mask)).tobytes())
     return digest.hexdigest()[:16]
+
+
+def _fetch(x) -> np.ndarray:
+    """The whole array on this host, also when its shards live on other hosts' devices."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def _arch_diff(a: Arch, b: Arch) -> str:
@@ -401,7 +409,9 @@ def sweep(cfg, run_dir: str | Path, progress: bool = True) -> tuple[float, list[
         result = run(cfg, sub, lr=lr, max_steps=prefix, write_model=False, progress=progress)
         losses = [r["loss"] for r in metrics_lib.read_metrics(sub, "train") if r["step"] <= prefix]
         tail = losses[-max(1, len(losses) // 5):]
-        table.append({"lr": lr, "prefix_steps": prefix, "loss": float(np.mean(tail)),
+        # Only process 0 writes metrics.jsonl: every process takes its number, so all pick one LR.
+        loss = float(multihost_utils.broadcast_one_to_all(np.float32(np.mean(tail) if tail else np.nan)))
+        table.append({"lr": lr, "prefix_steps": prefix, "loss": loss,
                       "final_loss": result.final_loss})
     finite = [row for row in table if math.isfinite(row["loss"])]
     if not finite:
