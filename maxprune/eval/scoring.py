@@ -1,0 +1,162 @@
+"""Token log-probabilities under a model: jitted, sharded, one compilation per padded shape.
+
+Perplexity, validation loss and every lm-eval request reduce to one question:
+what log-probability does the model give each target token? `Scorer` answers it
+for batches of variable-length sequences. Sequences are right-padded to one of a
+few bucket lengths (powers of two by default) and batches to a fixed row count,
+so XLA compiles at most once per bucket however many distinct request lengths
+lm-eval produces; `compile_count` says how many times it did. Right padding is
+safe because attention is causal: padding after a token never changes it.
+
+The batch is sharded over the mesh's data x fsdp axes and the params keep the
+sharding they were loaded with, so a model that only fits sharded evaluates
+sharded. Results come back replicated, so every process of a multi-host job can
+read them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from maxprune import sharding
+from maxprune.errors import MaxpruneError
+from maxprune.model import llama
+from maxprune.model.arch import Arch
+
+
+def bucket_lengths(max_length: int, min_bucket: int = 32) -> tuple[int, ...]:
+    """Powers of two from `min_bucket` up to `max_length` (which is always the last bucket)."""
+    if max_length < 1 or min_bucket < 1:
+        raise MaxpruneError(f"max_length={max_length} and min_bucket={min_bucket} must be >= 1")
+    buckets, length = [], 1 << max(0, math.ceil(math.log2(min_bucket)))
+    while length < max_length:
+        buckets.append(length)
+        length *= 2
+    return (*buckets, max_length)
+
+
+class Scorer:
+    """`(inputs, targets) -> (log p(target_t | inputs_<=t), target_t is the argmax)` per position."""
+
+    def __init__(self, arch: Arch, params, masks, mesh: Mesh, options: llama.ModelOptions,
+                 batch_size: int, buckets: Sequence[int], batch_tokens: int | None = None):
+        """At most `batch_size` sequences per call, and (if given) about `batch_tokens` tokens: long
+        buckets get fewer rows, which bounds the [rows, length, vocab] logits in memory."""
+        self.arch, self.params, self.masks, self.mesh, self.options = arch, params, masks, mesh, options
+        self._shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        self.buckets = tuple(sorted(set(buckets)))
+        self._compiled: dict[tuple, Callable] = {}
+
+    @property
+    def rows(self) -> int:
+        """Rows per call at the shortest bucket: `batch_size` rounded up to the batch shards."""
+        return self.rows_for(self.buckets[0])
+
+    def rows_for(self, length: int) -> int:
+        """Rows per call for sequences padded to `length`: a multiple of the batch shards."""
+        rows = self.batch_size if not self.batch_tokens else min(self.batch_size, self.batch_tokens // length)
+        return -(-max(rows, 1) // self._shards) * self._shards
+
+    @property
+    def compile_count(self) -> int:
+        """Distinct (function, shape) pairs compiled so far: at most one per bucket and kind (score,
+        logprob, next); rows depend on the bucket only."""
+        return len(self._compiled)
+
+    @property
+    def max_length(self) -> int:
+        return self.buckets[-1]
+
+    def bucket(self, length: int) -> int:
+        """The shortest bucket that holds `length` tokens."""
+        for b in self.buckets:
+            if length <= b:
+                return b
+        raise MaxpruneError(f"a sequence of {length} tokens exceeds the longest bucket {self.max_length}")
+
+    # ------------------------------------------------------------ batched calls
+    def score_batch(self, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], greedy: bool = True
+                    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Per sequence: (logprob_T float32, is_greedy_T bool) for each of its targets.
+
+        All are padded to the bucket of the longest one, `rows_for(bucket)` per call.
+        `greedy=False` skips the argmax pass over the vocab (perplexity does not need it)
+        and gives None for is_greedy.
+        """
+        length = self.bucket(max(len(x) for x in inputs))
+        rows, out = self.rows_for(length), []
+        for start in range(0, len(inputs), rows):
+            chunk_tg = targets[start:start + rows]
+            logprob_BL, greedy_BL = self._run("score" if greedy else "logprob", length,
+                                              _pad(inputs[start:start + rows], rows, length),
+                                              _pad(chunk_tg, rows, length))
+            out += [(logprob_BL[i, :len(t)], None if greedy_BL is None else greedy_BL[i, :len(t)])
+                    for i, t in enumerate(chunk_tg)]
+        return out
+
+    def next_tokens(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        """The greedy next token after each sequence."""
+        length = self.bucket(max(len(x) for x in inputs))
+        rows, out = self.rows_for(length), []
+        for start in range(0, len(inputs), rows):
+            chunk = inputs[start:start + rows]
+            last_B = np.zeros(rows, np.int32)
+            last_B[:len(chunk)] = [len(x) - 1 for x in chunk]
+            out.append(self._run("next", length, _pad(chunk, rows, length), last_B)[:len(chunk)])
+        return np.concatenate(out)
+
+    # ------------------------------------------------------------ compilation
+    def _run(self, kind: str, length: int, *arrays: np.ndarray):
+        key = (kind, length)  # rows follow from the length
+        with sharding.use_mesh(self.mesh):
+            device_arrays = [_to_global(a, self.mesh) for a in arrays]
+            if key not in self._compiled:
+                fn = {"score": _score_fn, "logprob": _logprob_fn, "next": _next_fn}[kind]
+                replicated = NamedSharding(self.mesh, PartitionSpec())
+                jitted = jax.jit(lambda p, m, *xs: fn(p, m, *xs, self.arch, self.options),
+                                 out_shardings=replicated)
+                self._compiled[key] = jitted.lower(self.params, self.masks, *device_arrays).compile()
+            result = self._compiled[key](self.params, self.masks, *device_arrays)
+        return jax.tree.map(np.asarray, result)
+
+
+def _score_fn(params, masks, inputs_BL, targets_BL, arch, options):
+    logits_BLV = llama.forward(params, inputs_BL, arch, masks, options)
+    return _target_logprob(logits_BLV, targets_BL), jnp.argmax(logits_BLV, axis=-1) == targets_BL
+
+
+def _logprob_fn(params, masks, inputs_BL, targets_BL, arch, options):
+    return _target_logprob(llama.forward(params, inputs_BL, arch, masks, options), targets_BL), None
+
+
+def _target_logprob(logits_BLV, targets_BL):
+    """log softmax(logits)[target], without materialising the full log-softmax."""
+    logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    return jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0] - logz_BL
+
+
+def _next_fn(params, masks, inputs_BL, last_B, arch, options):
+    logits_BLV = llama.forward(params, inputs_BL, arch, masks, options)
+    last_BV = jnp.take_along_axis(logits_BLV, last_B[:, None, None], axis=1)[:, 0]
+    return jnp.argmax(last_BV, axis=-1).astype(jnp.int32)
+
+
+def _pad(seqs: Sequence[np.ndarray], rows: int, length: int) -> np.ndarray:
+    """[rows, length] int32, zero-padded on the right and below."""
+    out_BL = np.zeros((rows, length), np.int32)
+    for i, s in enumerate(seqs):
+        out_BL[i, :len(s)] = s
+    return out_BL
+
+
+def _to_global(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array (identical on every process) as a global array, batch over data x fsdp."""
+    spec = sharding.batch_sharding(mesh, x.ndim)
+    return jax.make_array_from_callback(x.shape, spec, lambda index: x[index])

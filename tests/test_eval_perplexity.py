@@ -1,0 +1,122 @@
+"""Perplexity and validation loss: the stream and windows as documented, and the numbers equal an
+independent transformers computation on the exported model."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+import torch
+from eval_helpers import make_model_dir
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from maxprune.convert.hf import to_hf
+from maxprune.errors import MaxpruneError
+from maxprune.eval import perplexity as ppl_lib
+from maxprune.eval.loading import load_for_eval
+from maxprune.model import masks as masks_lib
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_ppl")
+    docs = [(tiny_corpus["root"] / "validation" / f"{i:04d}.txt").read_text() for i in range(50)]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    model_dir = make_model_dir(root / "model", tiny_corpus["root"] / "tokenizer")
+    return {"root": root, "docs": docs, "model_dir": model_dir, "source": f"local=jsonl:{root / 'docs.jsonl'}"}
+
+
+def test_stream_has_one_bos_and_joins_documents(tiny_corpus):
+    tok = tiny_corpus["tokenizer"]
+    docs = ["the cat sat", "on a mat", "far away"]
+    stream, n_docs = ppl_lib.token_stream(iter(docs), tok, 10_000)
+    assert n_docs == 3 and stream[0] == tok.bos_id and list(stream).count(tok.bos_id) == 1
+    assert tok.decode(stream[1:]) == "the cat sat\n\non a mat\n\nfar away"
+    eos_stream, _ = ppl_lib.token_stream(iter(docs), tok, 10_000, join="eos")
+    assert list(eos_stream).count(tok.eos_id) == 2
+    cut, read = ppl_lib.token_stream(iter(docs * 100), tok, 7)
+    assert len(cut) == 7 and read < 300  # stops reading once long enough
+    windows = ppl_lib.windows(np.arange(25), 8, 256)
+    assert windows.shape == (3, 8) and windows[2, 0] == 16  # non-overlapping; tail dropped
+
+
+def _hf_perplexity(hf_dir, docs, seq_len, n_seqs):
+    """The documented protocol, written independently: HF tokenizer + torch cross-entropy."""
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = [hf_tok.bos_token_id]
+    for i, doc in enumerate(docs):
+        ids += hf_tok.encode(doc if i == 0 else "\n\n" + doc, add_special_tokens=False)
+    n = min(n_seqs, len(ids) // seq_len)
+    batch = torch.tensor(ids[:n * seq_len]).view(n, seq_len)
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(batch).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    return math.exp(float(nll)), n * (seq_len - 1)
+
+
+def test_perplexity_equals_transformers_on_export(setup, tmp_path):
+    hf_dir = to_hf(setup["model_dir"], tmp_path / "hf")
+    result = ppl_lib.perplexity(load_for_eval(setup["model_dir"]), setup["source"], seq_len=64, n_seqs=10,
+                                batch_size=4, progress=False)
+    expected, tokens = _hf_perplexity(hf_dir, setup["docs"], 64, 10)
+    assert result["sequences"] == 10 and result["tokens"] == tokens == 630
+    assert result["ppl"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_masked_model_equals_export_with_masks_baked_in(setup, tmp_path):
+    """Sparse models: the forward multiplies by the masks; the export zeroes the weights."""
+    from hf_helpers import random_params
+    from eval_helpers import tiny_arch
+    params = random_params(tiny_arch(), 0)
+    rng = np.random.default_rng(0)
+    masks = {"layers": {"mlp": {name: rng.random(params["layers"]["mlp"][name]["kernel"].shape) > 0.5
+                                for name in ("gate", "up", "down")}}}
+    masks = {"layers": {"mlp": {k: {"kernel": v} for k, v in masks["layers"]["mlp"].items()}}}
+    masks_lib.validate_masks(params, masks)
+    model_dir = make_model_dir(tmp_path / "sparse", setup["model_dir"] / "tokenizer", masks=masks)
+    hf_dir = to_hf(model_dir, tmp_path / "sparse_hf")
+    result = ppl_lib.perplexity(load_for_eval(model_dir), setup["source"], seq_len=32, n_seqs=8,
+                                batch_size=8, progress=False)
+    assert result["ppl"] == pytest.approx(_hf_perplexity(hf_dir, setup["docs"], 32, 8)[0], rel=1e-4)
+
+
+def test_validation_loss_equals_direct_loss(setup, tiny_corpus):
+    from maxprune.data.prepare import open_prepared
+    from maxprune.model import llama
+    model = load_for_eval(setup["model_dir"])
+    result = ppl_lib.validation_loss(model, str(tiny_corpus["validation"]), n_seqs=12, batch_size=8,
+                                     progress=False)
+    tokens_BL = np.stack(open_prepared(tiny_corpus["validation"]).__getitems__(range(12)))
+    forward = jax.jit(lambda p, t: llama.forward(p, t, model.arch, options=llama.ModelOptions(dtype="float32")))
+    logits = forward(model.model.params, tokens_BL)
+    assert result["sequences"] == 12 and result["tokens"] == 12 * 31
+    assert result["loss"] == pytest.approx(float(llama.next_token_loss(logits, tokens_BL)), rel=1e-5)
+
+
+def test_corpora_and_errors(setup, tmp_path):
+    assert ppl_lib.resolve_corpus("wikitext2", "test").source.endswith("split=test")
+    assert "split=validation" in ppl_lib.resolve_corpus("c4", "test").source  # C4 has no test split
+    assert "split=train" in ppl_lib.resolve_corpus("cnn_dm", "train").source
+    with pytest.raises(MaxpruneError, match="unknown perplexity corpus 'c5'"):
+        ppl_lib.resolve_corpus("c5")
+    model = load_for_eval(setup["model_dir"])
+    with pytest.raises(MaxpruneError, match="exceeds the model's max_position_embeddings=2048"):
+        ppl_lib.perplexity(model, setup["source"], seq_len=4096, progress=False)
+    (tmp_path / "short.jsonl").write_text('{"text": "the cat sat"}\n')
+    with pytest.raises(MaxpruneError, match="fewer than eval.perplexity.seq_len=64"):
+        ppl_lib.perplexity(model, f"short=jsonl:{tmp_path / 'short.jsonl'}", seq_len=64, progress=False)
+
+
+def test_same_perplexity_on_any_mesh(setup):
+    """Params sharded over fsdp and tensor, the batch over data x fsdp: the numbers do not move."""
+    from ml_collections import ConfigDict
+
+    from maxprune import sharding
+    kwargs = dict(seq_len=32, n_seqs=16, batch_size=8, progress=False)
+    default = ppl_lib.perplexity(load_for_eval(setup["model_dir"]), setup["source"], **kwargs)
+    mesh = sharding.make_mesh(ConfigDict({"data": 2, "fsdp": 2, "tensor": 2}))
+    model = load_for_eval(setup["model_dir"], mesh=mesh)
+    assert model.model.params["lm_head"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert ppl_lib.perplexity(model, setup["source"], **kwargs)["ppl"] == pytest.approx(default["ppl"], rel=1e-5)
