@@ -161,6 +161,46 @@ def _check_prune(cfg: ConfigDict) -> None:
     schema.check(cfg)
 
 
+def _study_section() -> dict[str, Any]:
+    return {
+        "name": "study",
+        "pretrain_tokens": "2M",          # M: the parent's pretraining budget
+        "retrain_tokens": ("1M",),        # every N: retraining budgets (and S_N / S_M+N baselines)
+        "retrain_from": placeholder(str),  # where retraining data starts (default: M, right after pretraining)
+        "variants": (),                   # ({"method": "wanda", "pattern": "2:4", "ratio": 0.5, ...}, ...)
+        "imported": {},                   # name -> model dir of an imported parent (Ext-R_N runs)
+        "seeds": (0,),                    # retraining and scratch runs repeat per seed
+        "sheared_tokens": "0",            # Sheared LLaMA's mask-learning budget (counted as pruning tokens)
+        "eval_pruned": True,              # evaluate pruned models before retraining (Table 10)
+    }
+
+
+def _check_study(cfg: ConfigDict) -> None:
+    from maxprune.data.budgets import parse_tokens
+    s = cfg.study
+    parse_tokens(s.pretrain_tokens)
+    if s.retrain_from is not None:
+        parse_tokens(s.retrain_from)
+    for n in s.retrain_tokens:
+        parse_tokens(n)
+    if not s.seeds or any(not isinstance(seed, int) or seed < 0 for seed in s.seeds):
+        raise MaxpruneError(f"study.seeds={s.seeds} must be a non-empty tuple of integers >= 0")
+    if s.variants:
+        from maxprune.study.plan import parse_variant
+        for variant in s.variants:
+            parse_variant(variant)
+
+
+def _eval_section() -> dict[str, Any]:
+    from maxprune.eval import schema
+    return schema.section()
+
+
+def _check_eval(cfg: ConfigDict) -> None:
+    from maxprune.eval import schema
+    schema.check(cfg)
+
+
 class Section(NamedTuple):
     build: Callable[[], Any]  # a dict of defaults (a section) or a plain default (a top-level key)
     check: Callable[[ConfigDict], None]  # raises MaxpruneError; sees the whole config
@@ -173,6 +213,8 @@ SECTIONS: dict[str, Section] = {
     "data": Section(_data_section, _check_data),
     "train": Section(_train_section, _check_train),
     "prune": Section(_prune_section, _check_prune),
+    "study": Section(_study_section, _check_study),
+    "eval": Section(_eval_section, _check_eval),
 }
 
 
@@ -285,7 +327,7 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
 
 
 # Mappings whose entries the user names (e.g. budgets): str -> str, replaced or extended freely.
-OPEN_MAPPINGS = frozenset({"data.budgets"})
+OPEN_MAPPINGS = frozenset({"data.budgets", "study.imported"})
 
 
 def _assign_open(cfg: ConfigDict, key: str, value: Any, source: str, raw: str | None) -> bool:

@@ -13,7 +13,9 @@ import importlib
 from typing import Any, Callable
 
 MODULES = ("maxprune.commands.model", "maxprune.commands.convert", "maxprune.commands.data",
-           "maxprune.commands.train")
+           "maxprune.commands.train", "maxprune.commands.prune", "maxprune.commands.scale",
+           "maxprune.commands.eval", "maxprune.commands.study",
+           "maxprune.commands.demo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +25,7 @@ class Command:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace, Any], int]  # (args, frozen ConfigDict or None) -> exit code
     takes_config: bool = True  # accepts --config=FILE.py[:ARG] and --config.a.b=VALUE
+    multihost: bool = True  # joins the multi-process JAX job the environment describes (maxprune.distributed)
 
 
 def all_commands() -> list[Command]:

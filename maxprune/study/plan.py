@@ -1,0 +1,266 @@
+"""The study plan: every run a token-matched comparison needs, derived from the study config.
+
+Runs (M = pretraining tokens, N = a retraining budget, X = a method variant):
+
+    P{M}                      pretrain the parent on [0, M)
+    {parent}.prune.X          prune a parent (P{M} or an imported one, e.g. Meta) with X
+    {parent}-R{N}.X           retrain the pruned model for N tokens on the retrain range [M, M+N)
+    S{N}.X                    scratch, the pruned Arch (or, for sparse X, the same fixed mask from
+                              random init) for N tokens on the same [M, M+N) the retraining sees
+    S{M+N}.X                  scratch for M+N tokens on exactly [0, M+N) = pretrain ∪ retrain
+
+Every run names the runs it depends on; `plan` only describes, it runs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from maxprune.data.budgets import parse_tokens
+from maxprune.errors import MaxpruneError
+from maxprune.model.arch import Arch
+from maxprune.prune.api import SPARSE_METHODS
+from maxprune.prune.schema import parse_pattern
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One pruning setting: method, sparsity pattern (sparse methods) and ratio."""
+
+    method: str
+    ratio: float
+    pattern: str = "unstructured"
+    retrain: tuple[str, ...] | None = None  # None: every study.retrain_tokens
+    parents: tuple[str, ...] = ("P",)       # parents pruned: "P" = the pretrained parent, else study.imported
+    retrain_parents: tuple[str, ...] | None = None  # parents whose pruned model is retrained (None: all)
+    scratch: tuple[str, ...] = ("S_N", "S_M+N")
+    total_for: tuple[str, ...] | None = None  # retrain budgets N that get an S_{M+N} baseline (None: all)
+    ratio_of: str | None = None  # structured methods: "prunable" (default) or "params" (see prune.shapes)
+
+    @property
+    def sparse(self) -> bool:
+        return self.method in SPARSE_METHODS
+
+    @property
+    def id(self) -> str:
+        """Directory-safe name, e.g. wanda-2of4-r50, minitron_depth-r62.5."""
+        nm = parse_pattern(self.pattern)
+        pattern = "" if not self.sparse else ("-u" if nm is None else f"-{nm[0]}of{nm[1]}")
+        return f"{self.method}{pattern}-r{100 * self.ratio:g}"
+
+    @property
+    def label(self) -> str:
+        """The paper's way of naming it, e.g. wanda_2:4, minitron_depth."""
+        return f"{self.method}_{self.pattern}" if self.sparse else self.method
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    kind: str                      # pretrain | import | prune | retrain | scratch
+    arch: Arch | None              # None when only known once a dependency has run
+    tokens: int                    # training tokens (prune: calibration + mask-learning tokens)
+    data_range: str | None         # budget name the run trains on
+    deps: tuple[str, ...]
+    variant: Variant | None = None
+    parent: str | None = None      # P{M} or an imported parent's name
+    sparsity: float = 0.0
+    seed: int = 0
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    nominal: int = 0               # the budget as written (names, tables); `tokens` is it in whole steps
+
+    def flops(self, seq_len: int) -> float:
+        if self.arch is None or self.kind == "import":
+            return 0.0
+        per_token = self.arch.train_flops_per_token(seq_len)
+        if self.kind == "prune":  # forward passes over calibration tokens
+            per_token /= 3.0
+        return per_token * self.tokens
+
+
+def fmt_tokens(n: int) -> str:
+    """200_000_000_000 -> "200B"; exact when the unit divides, else 3 significant digits."""
+    for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n // size}{unit}" if n % size == 0 else f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+LIST_KEYS = ("retrain", "parents", "retrain_parents", "scratch", "total_for")
+
+
+def parse_variant(spec: str) -> Variant:
+    """A variant from ``METHOD[/PATTERN]@RATIO [key=a,b ...]``.
+
+    e.g. ``"wanda/2:4@0.5 retrain=50B parents=P,Meta retrain_parents=P"``; keys:
+    retrain, parents, retrain_parents, scratch (S_N, S_M+N), total_for (lists), ratio_of.
+    """
+    head, *options = str(spec).split()
+    method_pattern, at, ratio = head.partition("@")
+    method, _, pattern = method_pattern.partition("/")
+    if not at:
+        raise MaxpruneError(f"study variant {spec!r} must start with METHOD[/PATTERN]@RATIO, e.g. wanda/2:4@0.5")
+    try:
+        fields: dict[str, Any] = {"method": method, "ratio": float(ratio), "pattern": pattern or "unstructured"}
+    except ValueError:
+        raise MaxpruneError(f"study variant {spec!r}: ratio {ratio!r} is not a number") from None
+    for option in options:
+        key, eq, value = option.partition("=")
+        if key not in (*LIST_KEYS, "ratio_of") or not eq:
+            raise MaxpruneError(f"study variant {spec!r}: {option!r} is not KEY=A,B with KEY one of "
+                                f"{', '.join(LIST_KEYS)}, ratio_of")
+        fields[key] = value if key == "ratio_of" else tuple(v for v in value.split(",") if v)
+    return _check_variant(Variant(**fields), spec)
+
+
+def _check_variant(variant: Variant, spec: str) -> Variant:
+    from maxprune.prune.api import pruner_names
+    if variant.method not in pruner_names():
+        raise MaxpruneError(f"study variant {spec!r}: unknown method {variant.method!r}; valid: {', '.join(pruner_names())}")
+    if not 0 < variant.ratio < 1:
+        raise MaxpruneError(f"study variant {spec!r}: ratio {variant.ratio} must be in (0, 1)")
+    nm = parse_pattern(variant.pattern)
+    if (variant.pattern != "unstructured" or nm is not None) and not variant.sparse and variant.pattern:
+        if nm is not None:
+            raise MaxpruneError(f"study variant {spec!r}: pattern {variant.pattern} does not exist for "
+                                f"{variant.method}; N:M patterns are for {', '.join(SPARSE_METHODS)}")
+    if nm is not None and abs(variant.ratio - nm[0] / nm[1]) > 1e-9:
+        raise MaxpruneError(f"study variant {spec!r}: {variant.pattern} prunes {nm[0]}/{nm[1]} of the weights, "
+                            f"not {variant.ratio}")
+    if variant.ratio_of not in (None, "prunable", "params"):
+        raise MaxpruneError(f"study variant {spec!r}: ratio_of={variant.ratio_of} is not prunable or params")
+    if variant.ratio_of and variant.sparse:
+        raise MaxpruneError(f"study variant {spec!r}: ratio_of is for structured methods, not {variant.method}")
+    bad = set(variant.scratch) - {"S_N", "S_M+N"}
+    if bad:
+        raise MaxpruneError(f"study variant {spec!r}: scratch {sorted(bad)} is not valid; choose S_N and/or S_M+N")
+    return variant
+
+
+# ---------------------------------------------------------------- planning
+@dataclasses.dataclass
+class Plan:
+    runs: list[Run]
+    pretrain_tokens: int
+    retrain_tokens: tuple[int, ...]
+    budgets: dict[str, str]       # data.budgets for every run of the study
+    seq_len: int
+
+    def __getitem__(self, name: str) -> Run:
+        for run in self.runs:
+            if run.name == name:
+                return run
+        raise MaxpruneError(f"no run named {name!r} in this study; runs: {', '.join(r.name for r in self.runs)}")
+
+    def total_flops(self) -> float:
+        return sum(run.flops(self.seq_len) for run in self.runs)
+
+    def total_tokens(self, kinds=("pretrain", "retrain", "scratch", "prune")) -> int:
+        return sum(run.tokens for run in self.runs if run.kind in kinds)
+
+
+def range_name(prefix: str, tokens: int) -> str:
+    """A budget name (no dots: config keys cannot hold them), e.g. total_1p25M."""
+    return f"{prefix}_{fmt_tokens(tokens).replace('.', 'p')}"
+
+
+def study_budgets(m: int, retrain: tuple[int, ...], whole, start: int | None = None) -> dict[str, str]:
+    """pretrain = [0, M), retrain_N = [R, R + N) with R = M by default, total_{M+N} = pretrain ∪ retrain_N.
+
+    Bounds are whole training steps (`whole`), so every run consumes exactly its range.
+    """
+    r = whole(m) if start is None else whole(start)
+    budgets = {"pretrain": f"0:{whole(m)}"}
+    for n in retrain:
+        budgets[range_name("retrain", n)] = f"{r}:{r + whole(n)}"
+        budgets[range_name("total", m + n)] = f"pretrain+{range_name('retrain', n)}"
+    return budgets
+
+
+def check_budgets(plan: "Plan", num_tokens: int) -> None:
+    """Every range fits the dataset, and retraining data never overlaps pretraining data."""
+    from maxprune.data.budgets import parse_budgets
+    budgets = parse_budgets(plan.budgets, num_tokens, plan.seq_len)
+    for n in plan.retrain_tokens:
+        budgets.check_disjoint(["pretrain", range_name("retrain", n)])
+
+
+def pruned_arch(parent: Arch, variant: Variant) -> Arch:
+    """The Arch a variant produces from `parent` (sparse methods keep the shape)."""
+    if variant.sparse:
+        return parent
+    from maxprune.prune import shapes
+    return shapes.target_arch(variant.method, parent, variant.ratio, variant.ratio_of or "prunable")
+
+
+def plan_study(cfg, parent_arch: Arch, seq_len: int) -> Plan:
+    """Every run of the study described by `cfg.study`, in dependency order.
+
+    Run names carry the nominal budgets (P200B, S50B); their token counts are
+    rounded up to whole steps of `train.global_batch` x `seq_len`, as the
+    trainer rounds them, and the data ranges are cut at those same bounds.
+    """
+    s = cfg.study
+    step = cfg.train.global_batch * seq_len
+    whole = lambda tokens: -(-tokens // step) * step
+    m = parse_tokens(s.pretrain_tokens)
+    retrain_all = tuple(parse_tokens(n) for n in s.retrain_tokens)
+    if not retrain_all:
+        raise MaxpruneError("study.retrain_tokens is empty: give at least one retraining budget, e.g. ('50B',)")
+    variants = [parse_variant(v) for v in s.variants]
+    if not variants:
+        raise MaxpruneError("study.variants is empty: give at least one {method, ratio} to compare")
+    seeds = tuple(s.seeds)
+    runs: dict[str, Run] = {}
+
+    def add(run: Run) -> None:
+        runs.setdefault(run.name, run)
+
+    parent_name = f"P{fmt_tokens(m)}"
+    add(Run(parent_name, "pretrain", parent_arch, whole(m), "pretrain", (), nominal=m))
+    for name in s.imported:
+        add(Run(name, "import", None, 0, None, (), extra={"path": s.imported[name]}))
+    calib_tokens = cfg.prune.n_samples * (cfg.prune.seq_len or seq_len)
+    for variant in variants:
+        arch = pruned_arch(parent_arch, variant)
+        sparsity = variant.ratio if variant.sparse else 0.0
+        mask_tokens = parse_tokens(s.sheared_tokens) if variant.method == "sheared_llama" else 0
+        retrain = tuple(parse_tokens(n) for n in variant.retrain) if variant.retrain else retrain_all
+        unknown = set(retrain) - set(retrain_all)
+        if unknown:
+            raise MaxpruneError(f"variant {variant.id} retrains {sorted(map(fmt_tokens, unknown))} tokens, which is "
+                                f"not in study.retrain_tokens {list(s.retrain_tokens)}")
+        for parent in variant.parents:
+            source = parent_name if parent == "P" else parent
+            if source not in runs:
+                raise MaxpruneError(f"variant {variant.id} names parent {parent!r}, which is not 'P' or a key of "
+                                    f"study.imported {list(s.imported)}")
+            prune_name = f"{source}.prune.{variant.id}"
+            add(Run(prune_name, "prune", arch, calib_tokens + mask_tokens, None, (source,), variant, source,
+                    sparsity, extra={"calibration_tokens": calib_tokens, "mask_learning_tokens": mask_tokens}))
+            if variant.retrain_parents is not None and parent not in variant.retrain_parents:
+                continue
+            for n in retrain:
+                for seed in seeds:
+                    add(Run(_seeded(f"{source}-R{fmt_tokens(n)}.{variant.id}", seed, seeds), "retrain", arch, whole(n),
+                            range_name("retrain", n), (prune_name,), variant, source, sparsity, seed, nominal=n))
+        # Scratch baselines take the Arch (or fixed mask) of the first parent's pruned model.
+        first = parent_name if variant.parents[0] == "P" else variant.parents[0]
+        prune_p = f"{first}.prune.{variant.id}"
+        total_for = retrain if variant.total_for is None else tuple(map(parse_tokens, variant.total_for))
+        for n in retrain:
+            for kind, nominal, tokens, rng in (("S_N", n, whole(n), range_name("retrain", n)),
+                                               ("S_M+N", m + n, whole(m) + whole(n), range_name("total", m + n))):
+                if kind not in variant.scratch or (kind == "S_M+N" and n not in total_for):
+                    continue
+                for seed in seeds:
+                    name = _seeded(f"S{fmt_tokens(nominal)}{'' if kind == 'S_N' else '-total'}.{variant.id}", seed, seeds)
+                    add(Run(name, "scratch", arch, tokens, rng, (prune_p,), variant, None, sparsity, seed,
+                            extra={"baseline": kind, "retrain_tokens": n}, nominal=nominal))
+    start = parse_tokens(s.retrain_from) if s.retrain_from else None
+    return Plan(list(runs.values()), m, retrain_all, study_budgets(m, retrain_all, whole, start), seq_len)
+
+
+def _seeded(name: str, seed: int, seeds: tuple[int, ...]) -> str:
+    return name if len(seeds) == 1 else f"{name}.s{seed}"
