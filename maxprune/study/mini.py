@@ -28,6 +28,6 @@ def get_config(arg=None):
                  "perplexity": {"corpora": ("builtin_wiki", "builtin_news", "builtin_fiction", "builtin_shakespeare"),
                                 "seq_len": SEQ_LEN, "n_seqs": 32, "batch_size": 16},
                  "validation_sequences": 64},
-        "study": {"name": "mini" if arg != "all" else "mini-all", "pretrain_tokens": "1M",
-                  "retrain_tokens": ("250K",), "variants": variants, "sheared_tokens": "100K"},
+        "study": {"name": "mini" if arg != "all" else "mini-all", "pretrain_tokens": "500K",
+                  "retrain_tokens": ("125K",), "variants": variants, "sheared_tokens": "100K"},
     })
