@@ -170,7 +170,7 @@ def _study_section() -> dict[str, Any]:
         "variants": (),                   # ({"method": "wanda", "pattern": "2:4", "ratio": 0.5, ...}, ...)
         "imported": {},                   # name -> model dir of an imported parent (Ext-R_N runs)
         "seeds": (0,),                    # retraining and scratch runs repeat per seed
-        "sheared_tokens": "0",            # Sheared LLaMA's mask-learning budget (counted as pruning tokens)
+        "sheared_tokens": "0.4B",         # Sheared LLaMA's mask-learning budget (the paper's ~0.4B)
         "eval_pruned": True,              # evaluate pruned models before retraining (Table 10)
     }
 

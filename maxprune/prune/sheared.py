@@ -32,7 +32,9 @@ Reference: princeton-nlp/LLM-Shearing (``l0_module.py``, ``composer_llama.py``,
   folded too: the residual stream is exactly zero on gated-off channels, so
   scaling the whole stream by ``c = sqrt(D / D_kept)`` makes the ordinary
   mean over D equal the mean over the kept channels; norm scales get ``1/c``
-  back (the tied lm_head ``1/c²``).
+  back (the tied lm_head ``1/c²``). Cost: a transient folded copy of the
+  (sharded) weights inside the step. Tested against a literal activation-gated
+  replay of the original in ``tests/test_sheared.py``.
 - **Lagrangian** per mask set c: expected sparsity ``ŝ_c = 1 − Σ P(z>0)/size``
   per row (per layer for head and ffn), target ``t_c = 1 − target/size``
   ramped linearly from 0 over ``lagrangian_warmup`` steps, penalty
@@ -152,8 +154,9 @@ def deterministic_gates(log_alpha: Tree, arch: Arch, target: Arch) -> tuple[Tree
     """
     kept_counts = unit_counts(target)
     gates, keep = {}, {}
-    for name, log_a in clamp_log_alpha(log_alpha).items():
-        score = np.asarray(jax.device_get(jax.nn.sigmoid(log_a / TEMPERATURE * SCORE_SHARPNESS)), np.float32)
+    for name, log_a in jax.device_get(log_alpha).items():
+        log_a = np.clip(np.asarray(log_a, np.float32), LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+        score = 1 / (1 + np.exp(-log_a / TEMPERATURE * SCORE_SHARPNESS))
         rows = score.reshape(-1, score.shape[-1])
         kept = np.sort(np.argsort(-rows, axis=-1, kind="stable")[:, :kept_counts[name]], axis=-1)
         z = np.zeros_like(rows)
@@ -307,10 +310,9 @@ def init_state(params: Tree, arch: Arch, optimizer: optax.GradientTransformation
     return ShearState(jnp.zeros((), jnp.int32), variables, optimizer.init(variables))
 
 
-def make_step(arch: Arch, plan: Plan, h: Hyper, seed: int):
+def make_step(arch: Arch, plan: Plan, h: Hyper, seed: int, optimizer: optax.GradientTransformation):
     """``step(state, tokens_BL) -> (state, metrics)`` (not jitted): CE of the sampled gated model + Lagrangian."""
-    targets = target_sparsity(arch, plan.target)
-    optimizer, options = make_optimizer(h, plan.steps), h.model_options
+    targets, options = target_sparsity(arch, plan.target), h.model_options
 
     def ce_fn(variables, noise, tokens_bl):
         gates = sample_gates(variables["log_alpha"], noise)
@@ -353,7 +355,7 @@ def programs(arch: Arch, plan: Plan, h: Hyper, seed: int, mesh, donate: bool) ->
     """Compiled once per (shapes, plan, settings, mesh): a study pruning several parents reuses them."""
     optimizer = make_optimizer(h, plan.steps)
     init = lambda params: init_state(params, arch, optimizer, seed)
-    step, donated = make_step(arch, plan, h, seed), (0,) if donate else ()
+    step, donated = make_step(arch, plan, h, seed, optimizer), (0,) if donate else ()
     if mesh is None:
         return Programs(jax.jit(init, donate_argnums=donated), jax.jit(step, donate_argnums=0), None)
     state_sh = sharding.tree_shardings(jax.eval_shape(init, llama.abstract_params(arch)), mesh)
@@ -397,6 +399,12 @@ def finalize(params: Tree, log_alpha: Tree, arch: Arch, target: Arch) -> tuple[T
 
 
 _fold_jit = jax.jit(fold_gates, static_argnames="arch")
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _final_sizes(log_alpha: Tree, arch: Arch) -> tuple[Tree, jax.Array]:
+    probs = keep_probability(log_alpha)
+    return probs, expected_params(probs, arch)
 
 
 # ================================================================== shape
@@ -491,7 +499,8 @@ def _prepared_stream(p, arch: Arch) -> Stream:
     ds = open_prepared(p.calibration)
     if ds.manifest.tokenizer["vocab_size"] > arch.vocab_size:
         raise MaxpruneError(f"prune.calibration={p.calibration} uses a tokenizer of "
-                            f"{ds.manifest.tokenizer['vocab_size']} ids but the model's vocab_size is {arch.vocab_size}")
+                            f"{ds.manifest.tokenizer['vocab_size']} ids but the model's vocab_size is "
+                            f"{arch.vocab_size}")
     seq_len = min(p.seq_len or ds.seq_len, ds.seq_len)
     # Every process reads the whole global batch (a few MB at most) and places its shards: one data order.
     loader = make_loader(ds, [(0, len(ds))], global_batch=p.sheared_llama.global_batch, seed=p.seed,
@@ -507,7 +516,7 @@ def _batch_sharding(mesh, global_batch: int) -> NamedSharding:
     return sharding.batch_sharding(mesh) if global_batch % dp == 0 else NamedSharding(mesh, PartitionSpec())
 
 
-def _place(batch_BL: np.ndarray, batch_sharding):
+def place_batch(batch_BL: np.ndarray, batch_sharding):
     """The global batch as a jax.Array; each process fills its own shards from the same host batch."""
     if batch_sharding is None:
         return jnp.asarray(batch_BL)
@@ -521,12 +530,12 @@ def learn_masks(params: Tree, arch: Arch, stream: Stream, plan: Plan, h: Hyper, 
     mesh = engine.mesh_of(params)
     prog = programs(arch, plan, h, seed, mesh, donate)
     trajectory = []
-    with _mesh_scope(mesh):
+    with mesh_scope(mesh):
         state = prog.init(params)
         bar = tqdm(range(plan.steps), desc="sheared_llama", unit="step",
                    disable=not (progress and jax.process_index() == 0))
         for i in bar:
-            state, metrics = prog.step(state, _place(next(stream.batches), prog.batch_sharding))
+            state, metrics = prog.step(state, place_batch(next(stream.batches), prog.batch_sharding))
             if (i + 1) % log_every == 0 or i + 1 == plan.steps:
                 record = _record(i + 1, metrics)
                 if not math.isfinite(record["loss"]):
@@ -537,7 +546,8 @@ def learn_masks(params: Tree, arch: Arch, stream: Stream, plan: Plan, h: Hyper, 
     return state, trajectory
 
 
-def _mesh_scope(mesh):
+def mesh_scope(mesh):
+    """`sharding.use_mesh` (activation constraints on) for a mesh; nothing for a single device."""
     return sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
@@ -563,8 +573,9 @@ def prune(params, arch: Arch, calibration_NL, cfg) -> PruneResult:
     finally:
         stream.close()
     v = state.variables
+    del state  # the optimizer moments (twice the params) go before the cut
     new_params, new_arch, final = finalize(v["model"], v["log_alpha"], arch, plan.target)
-    report = _report(arch, plan, stream, trajectory, v["log_alpha"], final, cfg)
+    report = _report(arch, plan, stream, trajectory, v, final, cfg)
     report["summary"] = {**shapes.summary(arch, new_arch, time.perf_counter() - start_time),
                          "mask_learning_tokens": plan.tokens, "steps": plan.steps,
                          "final_expected_sparsity": trajectory[-1]["expected_sparsity"],
@@ -572,9 +583,9 @@ def prune(params, arch: Arch, calibration_NL, cfg) -> PruneResult:
     return PruneResult(new_params, new_arch, None, report)
 
 
-def _report(arch: Arch, plan: Plan, stream: Stream, trajectory: list[dict], log_alpha, final: dict, p) -> dict:
+def _report(arch: Arch, plan: Plan, stream: Stream, trajectory: list[dict], variables, final: dict, p) -> dict:
     c = p.sheared_llama
-    probs = jax.device_get(keep_probability(log_alpha))
+    probs, size = jax.device_get(_final_sizes(variables["log_alpha"], arch))
     gates = final["gates"]
     kept_soft = {name: gates[name][gates[name] > 0] for name in MASKS}
     return {
@@ -583,10 +594,12 @@ def _report(arch: Arch, plan: Plan, stream: Stream, trajectory: list[dict], log_
         "training": {"steps": plan.steps, "tokens": plan.tokens, "global_batch": plan.global_batch,
                      "seq_len": plan.seq_len, "lagrangian_warmup": plan.lagrangian_warmup, "data": stream.info,
                      "lr": c.lr, "mask_lr": c.mask_lr, "lambda_lr": c.lambda_lr},
-        "final": {"expected_params": float(expected_params(probs, arch)),
+        "final": {"expected_params": float(size),
                   "target_params": plan.target.num_prunable_params(),
                   "expected_sparsity": {name: float(np.mean(1 - np.mean(probs[name], -1))) for name in MASKS},
                   "target_sparsity": target_sparsity(arch, plan.target),
+                  "lambdas": {name: np.asarray(lam).tolist()  # [λ1, λ2]
+                              for name, lam in jax.device_get(variables["lambdas"]).items()},
                   "folded_gate_range": {name: [float(v.min()), float(v.max())] for name, v in kept_soft.items()}},
         "kept": {"layers": final["keep"]["layer"][0].tolist(), "kv_groups": final["keep"]["head"].tolist()},
         "trajectory": trajectory,

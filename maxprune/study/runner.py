@@ -177,6 +177,8 @@ class StudyRunner:
         from maxprune.prune.run import prune_model_dir
         v = run.variant
         extra = {f"prune__{v.method}__ratio_of": v.ratio_of} if v.ratio_of else {}
+        if v.method == "sheared_llama":  # the mask-learning budget the plan counted
+            extra["prune__sheared_llama__tokens"] = self.cfg.study.sheared_tokens
         cfg = derive(self.cfg, prune__method=v.method, prune__pattern=v.pattern, prune__ratio=v.ratio, **extra,
                      prune__input=str(self.model_dir(run.deps[0])), prune__output=str(self.model_dir(run.name)))
         prune_model_dir(cfg, overwrite=True, progress=self.progress)
