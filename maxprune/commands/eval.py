@@ -48,8 +48,10 @@ def _run_eval(args, cfg) -> int:
     _check_out(out, args.overwrite)  # before a possibly long evaluation
     metrics = summary.evaluate(args.model_dir, cfg, progress=not args.no_progress)
     path = summary.write_metrics(metrics, out, overwrite=True)
-    _print_summary(metrics)
-    print(f"wrote {path}")
+    import jax
+    if jax.process_index() == 0:  # every process of a multi-host job computed the same numbers
+        _print_summary(metrics)
+        print(f"wrote {path}")
     return 0
 
 

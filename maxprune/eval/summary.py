@@ -138,9 +138,13 @@ def paper_average(tasks: dict[str, dict]) -> dict:
 
 # ------------------------------------------------------------------ files
 def write_metrics(metrics: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write-then-rename; only process 0 of a multi-host job writes (all computed the same numbers)."""
+    import jax
     out = Path(out)
     if out.exists() and not overwrite:
         raise MaxpruneError(f"{out} exists; pass --overwrite to replace it (or --out FILE)")
+    if jax.process_index() != 0:
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
