@@ -325,6 +325,10 @@ def main(argv=None) -> None:
               "ratio": RATIO, "pattern": "unstructured", "results": results, "machine": machine(),
               "method": __doc__.split("    python")[0].strip(),
               "max_rss_mb_driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if args.out.exists():  # a --methods subset updates those methods' rows
+        old = json.loads(args.out.read_text())
+        if old.get("shape") == record["shape"]:
+            record["results"] = {**old.get("results", {}), **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")

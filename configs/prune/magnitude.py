@@ -7,8 +7,7 @@ Usage::
         --config.prune.calibration=CALIBRATION [--overwrite]
 
 `ARG` is the sparsity pattern: ``unstructured`` (default, 50 %) or ``N:M``
-(ratio N/M). prune.seq_len defaults to 8192 for a source spec and to the
-sequences' length for a prepared dataset or .npy. Calibration is optional (only the report's reconstruction errors use it).
+(ratio N/M). Calibration is optional (only the report's reconstruction errors use it).
 Statistics run in fp32 (``model.dtype``); ``--config.model.dtype=bfloat16``
 halves the calibration activations' memory at some accuracy cost.
 """

@@ -7,10 +7,10 @@ Usage::
         --config.prune.calibration=CALIBRATION [--overwrite]
 
 `ARG` is the sparsity pattern: ``unstructured`` (default, 50 %) or ``N:M``
-(ratio N/M). prune.seq_len defaults to 8192 for a source spec and to the
-sequences' length for a prepared dataset or .npy. CALIBRATION: a source spec (e.g. C4 json.gz shards; the paper's 128 x 8192
-tokens, random windows of long documents as in the reference), a prepared
-dataset dir, or a .npy of token ids.
+(ratio N/M). CALIBRATION: a source spec (e.g. C4 json.gz shards: the paper's
+128 x 8192 tokens, random windows of long documents as in the reference), a
+prepared dataset dir, or a .npy of token ids. ``prune.seq_len`` defaults to 8192
+for a source spec and to the sequences' length otherwise.
 Statistics run in fp32 (``model.dtype``); ``--config.model.dtype=bfloat16``
 halves the calibration activations' memory at some accuracy cost.
 """

@@ -106,7 +106,9 @@ class LayerPruner(Protocol):
     when `accumulator` is None: magnitude needs no statistics), `linears`: the
     names (q, k, v, o, gate, up, down) to prune now. Returns the new layer params,
     ``{linear: keep-mask [in, out] bool}`` for those linears, and a JSON-able
-    ``{linear: {...}}`` report merged into the engine's per-linear report.
+    ``{linear: {...}}`` report merged into the engine's per-linear report. The
+    engine zeroes masked weights itself, taking ownership of (donating) any
+    kernel array the pruner returns anew.
     """
 
     accumulator: Accumulator | None
@@ -430,17 +432,33 @@ def _prune_one_layer(dense, chunks, n, pruner, passes, groups, mesh):
         if pruner.accumulator is not None:
             sites = tuple(s for s in sites_of(linears) if s in pruner.accumulator.sites)
             stats = passes.stats(layer, chunks, sites, n, mesh)
+        before = layer
         layer, group_masks, group_report = pruner.prune_layer(layer, stats, linears)
         del stats
-        layer = set_linears(layer, _zero_pruned({name: get_linear(layer, name) for name in group_masks}, group_masks))
+        layer = set_linears(layer, _zero_masked(before, layer, group_masks))
         layer_masks.update(group_masks)
         report.update(group_report)
     return layer, layer_masks, report
 
 
-@jax.jit
-def _zero_pruned(kernels, keeps):
+def _zero_masked(before: Tree, after: Tree, keeps: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The pruned kernels of `after` with masked weights exactly zero.
+
+    Kernels the pruner made anew (SparseGPT's updated weights) are zeroed in
+    place (donated); kernels it passed through (Wanda, magnitude) are still the
+    dense layer's and are copied.
+    """
+    fresh = {n for n in keeps if get_linear(after, n) is not get_linear(before, n)}
+    split = lambda names: ({n: get_linear(after, n) for n in names}, {n: keeps[n] for n in names})
+    return {**_zero_donated(*split(fresh)), **_zero_copied(*split(set(keeps) - fresh))}
+
+
+def _zero(kernels, keeps):
     return {name: jnp.where(keeps[name], k, jnp.zeros((), k.dtype)) for name, k in kernels.items()}
+
+
+_zero_donated = jax.jit(_zero, donate_argnums=0)
+_zero_copied = jax.jit(_zero)
 
 
 @jax.jit

@@ -29,6 +29,7 @@ gate/up) share one Cholesky.
 from __future__ import annotations
 
 import dataclasses
+import collections
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -66,17 +67,29 @@ class Hessians:
 
 
 # -------------------------------------------------------- inverse Hessian
-@functools.partial(jax.jit, static_argnums=(1, 2))
 def inverse_hessian_factor(h_II: jax.Array, percdamp: float, blocksize: int):
-    """(upper Cholesky factor of the damped H⁻¹, padded to a multiple of `blocksize`; dead inputs)."""
+    """(upper Cholesky factor of the damped H⁻¹, padded to a multiple of `blocksize`; dead inputs).
+
+    Consumes `h_II` when no padding is needed (its buffer becomes the factor's).
+    """
+    fn = _factor_donated if h_II.shape[0] % blocksize == 0 else _factor_copied
+    return fn(h_II, percdamp, blocksize)
+
+
+def _factor(h_II: jax.Array, percdamp: float, blocksize: int):
     I = h_II.shape[0]
     dead_I = jnp.diag(h_II) == 0
     h_II = h_II + jnp.diag(dead_I.astype(h_II.dtype))
     h_II = h_II + percdamp * jnp.mean(jnp.diag(h_II)) * jnp.eye(I, dtype=h_II.dtype)
     upper_II = _upper_cholesky_of_inverse(h_II)
     P = math.ceil(I / blocksize) * blocksize
-    upper_PP = jnp.eye(P, dtype=h_II.dtype).at[:I, :I].set(upper_II)
-    return upper_PP, dead_I
+    if P == I:
+        return upper_II, dead_I
+    return jnp.eye(P, dtype=h_II.dtype).at[:I, :I].set(upper_II), dead_I
+
+
+_factor_donated = jax.jit(_factor, static_argnums=(1, 2), donate_argnums=0)
+_factor_copied = jax.jit(_factor, static_argnums=(1, 2))
 
 
 def _upper_cholesky_of_inverse(h_II):
@@ -181,15 +194,20 @@ class SparseGPTPruner:
         self.accumulator = Hessians()
 
     def prune_layer(self, layer_params, stats, linears: Sequence[str]):
+        """Consumes `stats`: each Hessian is freed once factored, each factor after its last linear."""
+        users = collections.Counter(engine.SITE_OF[name] for name in linears)
         factors, kernels, masks, rows = {}, {}, {}, {}
         for name in linears:
             site = engine.SITE_OF[name]
             if site not in factors:
-                factors[site] = self._factor(stats[site], site)
+                factors[site] = self._factor(stats.pop(site), site)
             w, keep, loss = fasterprune(engine.get_linear(layer_params, name), *factors[site], self.ratio,
                                         self.n_m, self.blocksize)
             kernels[name], masks[name] = w, keep
             rows[name] = {"obs_loss": float(loss), "dead_inputs": int(jnp.sum(factors[site][1]))}
+            users[site] -= 1
+            if not users[site]:
+                del factors[site]
         return engine.set_linears(layer_params, kernels), masks, rows
 
     def _factor(self, h_II, site):
