@@ -14,13 +14,9 @@ halves the calibration activations' memory at some accuracy cost.
 
 import ml_collections
 
+from maxprune.prune.schema import sparse_prune_config
+
 
 def get_config(arg=None):
-    pattern = arg or "unstructured"
-    ratio = 0.5
-    if pattern != "unstructured":
-        n, m = (int(v) for v in pattern.split(":"))
-        ratio = n / m
-    prune = {"method": "magnitude", "pattern": pattern, "ratio": ratio,
-             "n_samples": 128, "batch_size": 8, "order": "reference"}
+    prune = sparse_prune_config("magnitude", arg)
     return ml_collections.ConfigDict({"prune": prune, "model": {"dtype": "float32"}})

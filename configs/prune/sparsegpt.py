@@ -18,14 +18,9 @@ halves the calibration activations' memory at some accuracy cost.
 
 import ml_collections
 
+from maxprune.prune.schema import sparse_prune_config
+
 
 def get_config(arg=None):
-    pattern = arg or "unstructured"
-    ratio = 0.5
-    if pattern != "unstructured":
-        n, m = (int(v) for v in pattern.split(":"))
-        ratio = n / m
-    prune = {"method": "sparsegpt", "pattern": pattern, "ratio": ratio,
-             "n_samples": 128, "batch_size": 8, "order": "reference",
-             "sparsegpt": {"blocksize": 128, "percdamp": 0.01}}
+    prune = sparse_prune_config("sparsegpt", arg, sparsegpt={"blocksize": 128, "percdamp": 0.01})
     return ml_collections.ConfigDict({"prune": prune, "model": {"dtype": "float32"}})

@@ -150,6 +150,15 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+def sparse_prune_config(method: str, arg: str | None, **extra) -> dict[str, Any]:
+    """The `prune` section of a sparse method's config file; `arg` is its pattern (default 50 % unstructured)."""
+    pattern = arg or "unstructured"
+    nm = parse_pattern(pattern)
+    ratio = 0.5 if nm is None else nm[0] / nm[1]
+    return {"method": method, "pattern": pattern, "ratio": ratio, "n_samples": 128, "batch_size": 8,
+            "order": "reference", **extra}
+
+
 def check(cfg) -> None:
     p = cfg.prune
     from maxprune.prune.api import pruner_names
