@@ -15,13 +15,25 @@ from maxprune.prune import engine, run, wanda
 
 ARCH = preset("tiny").replace(vocab_size=300)
 FP32 = llama.ModelOptions(dtype="float32")
+
+
+def random_params(seed: int):
+    """Llama-style random params (normal 0.02, unit norm scales) without compiling an init."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if path[-1].key == "scale":
+            return np.ones(leaf.shape, np.float32)
+        return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, llama.abstract_params(ARCH))
 OPTS = engine.EngineOptions(batch_size=4, progress=False)  # 6 sequences: chunks of 4 and 2
 _layer = jax.jit(lambda layer, x: llama.apply_layer(layer, x, ARCH, options=FP32, capture=True))
 
 
 @pytest.fixture(scope="module")
 def setup():
-    params = llama.init_params(ARCH, jax.random.key(0))
+    params = random_params(0)
     calibration = np.random.default_rng(0).integers(0, 300, (6, 16))
     return params, calibration
 
@@ -174,7 +186,7 @@ def test_options_come_from_the_config_and_run_options():
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory, tiny_corpus):
     root = tmp_path_factory.mktemp("engine_parent")
-    params = llama.init_params(ARCH, jax.random.key(1))
+    params = random_params(1)
     with_tok = model_dir.save_model_dir(root / "with_tok", ARCH, params,
                                         provenance={"tokenizer_hash": tiny_corpus["tokenizer"].hash},
                                         tokenizer_dir=tiny_corpus["root"] / "tokenizer")

@@ -24,6 +24,18 @@ from maxprune.prune import api, engine, magnitude, report, run, sparsegpt, wanda
 
 ARCH = preset("tiny").replace(vocab_size=300)
 FP32 = llama.ModelOptions(dtype="float32")
+
+
+def random_params(seed: int):
+    """Llama-style random params (normal 0.02, unit norm scales) without compiling an init."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if path[-1].key == "scale":
+            return np.ones(leaf.shape, np.float32)
+        return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, llama.abstract_params(ARCH))
 LINEAR_BLOCK = dict(engine.LINEARS)
 
 
@@ -211,7 +223,7 @@ def reference_layer_loop(params, calibration_NL, method, nm, blocksize=128):
                                             ("magnitude", "unstructured"), ("sparsegpt", "unstructured"),
                                             ("sparsegpt", "2:4")])
 def test_tiny_model_masks_match_the_reference_layer_loop(method, pattern):
-    params = llama.init_params(ARCH, jax.random.key(0))
+    params = random_params(0)
     calibration = np.random.default_rng(0).integers(0, 300, (16, 32))  # the quality test's shape: no recompiles
     nm = None if pattern == "unstructured" else (2, 4)
     result = _prune(params, calibration, method, pattern)
@@ -277,7 +289,7 @@ def _with_outlier_channels(params, sigma=0.5, seed=0):
 @pytest.fixture(scope="module")
 def trained():
     """The tiny Llama trained 200 Adam steps on the order-2 language, then given outlier channels."""
-    params = llama.init_params(ARCH, jax.random.key(0))
+    params = random_params(0)
     opt = optax.adam(1e-2)
     loss_fn = lambda p, t: llama.next_token_loss(llama.forward(p, t, ARCH, options=FP32), t)
 
@@ -333,7 +345,7 @@ def test_activation_aware_methods_beat_magnitude_and_unstructured_beats_2_4(trai
 def parent(tmp_path_factory, tiny_corpus):
     """A tiny model dir with the corpus's tokenizer."""
     path = tmp_path_factory.mktemp("parent") / "model"
-    params = llama.init_params(ARCH, jax.random.key(1))
+    params = random_params(1)
     provenance = {"method": "init", "tokenizer_hash": tiny_corpus["tokenizer"].hash, "tokens_seen": 0}
     model_dir.save_model_dir(path, ARCH, params, provenance=provenance,
                              tokenizer_dir=tiny_corpus["root"] / "tokenizer")
@@ -353,12 +365,12 @@ def test_pruned_model_dir_trains_keeps_its_zeros_and_exports(tmp_path, parent, t
     from maxprune.train import trainer
 
     out = tmp_path / "pruned"
-    assert main(_args(parent, out, "sparsegpt", f"--config.prune.calibration={tiny_corpus['train']}",
+    assert main(_args(parent, out, "wanda", f"--config.prune.calibration={tiny_corpus['train']}",
                       "--config.prune.pattern=2:4")) == 0
     assert "N:M valid: True" in capsys.readouterr().out
     md = model_dir.load_model_dir(out)
     prov = md.provenance
-    assert prov["method"] == "sparsegpt" and prov["pattern"] == "2:4" and prov["ratio"] == 0.5
+    assert prov["method"] == "wanda" and prov["pattern"] == "2:4" and prov["ratio"] == 0.5
     assert prov["calibration_tokens"] == 8 * 32 and prov["calibration"]["kind"] == "prepared"
     assert prov["tokenizer_hash"] == tiny_corpus["tokenizer"].hash and prov["parent"] == str(parent)
     assert prov["report"]["nm_valid"] and (out / "tokenizer").is_dir()
