@@ -98,3 +98,14 @@ def test_model_args_string_constructs_from_path(models):
                                                    {"batch_size": "auto", "device": "cpu"})
     assert lm.tok_encode("the cat")[0] != lm.prefix_token_id and not lm.add_bos_token
     assert models["ours"].tok_encode("the cat")[0] == models["ours"].prefix_token_id
+
+
+def test_a_continuation_longer_than_the_window_is_scored_on_its_tail():
+    from maxprune.eval.lm_eval_adapter import _Scored
+    s = _Scored.of([1, 2, 3], [10, 11, 12, 13, 14, 15], max_length=4)
+    assert s.inputs.tolist() == [11, 12, 13, 14] and s.targets.tolist() == [12, 13, 14, 15]
+    assert s.n_cont == 4
+    s = _Scored.of([1, 2, 3, 4, 5], [10, 11], max_length=4)  # fits: the context is left-truncated
+    assert s.inputs.tolist() == [3, 4, 5, 10] and s.targets.tolist() == [4, 5, 10, 11] and s.n_cont == 2
+    with pytest.raises(ValueError, match="non-empty"):
+        _Scored.of([1], [], max_length=4)

@@ -206,10 +206,12 @@ class _Scored:
 
     @classmethod
     def of(cls, context: list[int], continuation: list[int], max_length: int) -> _Scored:
-        if not context or not continuation or len(continuation) > max_length:
-            raise ValueError(f"a request needs a non-empty context and 1..{max_length} continuation tokens")
+        """The window of the last `max_length` + 1 tokens; a continuation longer than the
+        window is scored on its last `max_length` tokens (the hf backend asserts instead)."""
+        if not context or not continuation:
+            raise ValueError("a loglikelihood request needs a non-empty context and continuation")
         full = np.asarray((list(context) + list(continuation))[-(max_length + 1):], np.int32)
-        return cls(full[:-1], full[1:], len(continuation))
+        return cls(full[:-1], full[1:], min(len(continuation), max_length))
 
 
 @dataclasses.dataclass
