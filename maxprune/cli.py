@@ -2,7 +2,8 @@
 
 Config overrides (`--config.a.b=VALUE`) are unbounded in number and name, so they
 are taken out of argv before argparse sees the rest; argparse then rejects anything
-else it does not know. User mistakes (`MaxpruneError`) print one line and exit 2.
+else it does not know. User mistakes (`MaxpruneError`, and argparse's own usage
+errors) print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ from maxprune.errors import MaxpruneError
 _OVERRIDE = re.compile(r"--config\..*|config\.[\w.]+=.*")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are the CLI's one line (the usage itself is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"maxprune: error: {' '.join(message.split())}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="maxprune", description="Prune a pretrained Llama or train a small one from scratch.",
         epilog="Commands that take a config accept --config=FILE.py[:ARG] and any number of "
                "--config.a.b=VALUE overrides.")
@@ -69,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.initialize()
         return args.command_.run(args, cfg)
     except MaxpruneError as e:
-        print(f"maxprune: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"maxprune: {e.label}: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("maxprune: interrupted", file=sys.stderr)

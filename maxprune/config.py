@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
+import inspect
 import re
 import typing
 from pathlib import Path
@@ -115,6 +116,7 @@ def _train_section() -> dict[str, Any]:
         "eval_sequences": 64,
         "tensorboard": True,
         "stop_after_steps": 0,            # stop (with a checkpoint) after this many steps in one call
+        "skip_nonfinite": 0,              # drop up to this many non-finite updates in a row (0: stop at the first)
         # Distillation (beyond the paper): forward KL from a teacher model dir
         "teacher": placeholder(str),
         "kd_weight": 0.5,
@@ -128,9 +130,12 @@ def _check_train(cfg: ConfigDict) -> None:
                 "eval_sequences"):
         if t[key] < 1:
             raise MaxpruneError(f"train.{key}={t[key]} must be >= 1")
-    for key in ("eval_every", "stop_after_steps"):
+    for key in ("eval_every", "stop_after_steps", "skip_nonfinite"):
         if t[key] < 0:
             raise MaxpruneError(f"train.{key}={t[key]} must be >= 0")
+    if t.init and t.masks_from:
+        raise MaxpruneError("set train.init or train.masks_from, not both: masks_from trains a random init "
+                            "under another model's masks (sparse scratch)")
     if t.tokens is not None:
         from maxprune.data.budgets import parse_tokens
         parse_tokens(t.tokens)
@@ -177,7 +182,11 @@ def _study_section() -> dict[str, Any]:
 
 def _check_study(cfg: ConfigDict) -> None:
     from maxprune.data.budgets import parse_tokens
+    from maxprune.study.plan import check_name
     s = cfg.study
+    check_name(s.name, "study.name")  # the default study root is runs/<study.name>
+    for name in s.imported:
+        check_name(name, "study.imported name")
     parse_tokens(s.pretrain_tokens)
     if s.retrain_from is not None:
         parse_tokens(s.retrain_from)
@@ -263,6 +272,14 @@ def arch_from_config(cfg: ConfigDict) -> Arch:
                             f"is not a valid architecture: {e}") from None
 
 
+def config_arg(arg: str | None, valid: Sequence[str], default: str | None = None) -> str | None:
+    """A config file's `:ARG` (`default` when absent), which must be one of `valid`."""
+    value = arg or default
+    if value is not None and value not in valid:
+        raise MaxpruneError(f"ARG {value!r} is not valid; choose one of {', '.join(valid)}")
+    return value
+
+
 def to_dict(cfg: ConfigDict) -> dict[str, Any]:
     """Plain nested dict (JSON-able) for provenance files."""
     return cfg.to_dict()
@@ -301,8 +318,12 @@ def _read_file(spec: str) -> tuple[Path, Any]:
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
         raise MaxpruneError(f"config file {path} does not define get_config(arg=None)")
+    if arg is not None and not _takes_arg(get_config):
+        raise MaxpruneError(f"config file {path} takes no :ARG (got {arg!r}): its get_config() has no parameter")
     try:
         user = get_config() if arg is None else get_config(arg)
+    except MaxpruneError as e:  # e.g. config_arg: already names the bad value
+        raise MaxpruneError(f"config {spec}: {e}") from e
     except Exception as e:
         call = "get_config()" if arg is None else f"get_config({arg!r})"
         raise MaxpruneError(f"config file {path}: {call} raised {_describe(e)}") from e
@@ -310,6 +331,14 @@ def _read_file(spec: str) -> tuple[Path, Any]:
         raise MaxpruneError(f"config file {path}: get_config returned {type(user).__name__}, "
                             f"expected a ConfigDict or dict")
     return path, user
+
+
+def _takes_arg(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        return True
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
 
 
 def _parse_override(text: str) -> tuple[str, Any, str]:
@@ -340,16 +369,23 @@ def _assign_open(cfg: ConfigDict, key: str, value: Any, source: str, raw: str | 
         parent, name = _resolve(cfg, key, source)
         parent[name] = ConfigDict({})
         for sub, sub_value in value.items():
-            _assign_open(cfg, f"{key}.{sub}", sub_value, source, None)
+            _set_entry(parent[name], key, sub, sub_value, source, None)
         return True
     if head in OPEN_MAPPINGS:
-        value = raw if raw is not None and not isinstance(value, str) else value
-        if not isinstance(value, str):
-            raise MaxpruneError(f"config key {key!r} {source} expects a string, got {value!r}")
         parent, name = _resolve(cfg, head, source)
-        parent[name][entry] = value
+        _set_entry(parent[name], head, entry, value, source, raw)
         return True
     return False
+
+
+def _set_entry(mapping: ConfigDict, key: str, entry: Any, value: Any, source: str, raw: str | None) -> None:
+    """Entry `entry` of the open mapping `key` (a name -> string mapping)."""
+    if not isinstance(entry, str) or not entry or "." in entry:
+        raise MaxpruneError(f"{key} name {entry!r} {source} must be a non-empty string without '.'")
+    value = raw if raw is not None and not isinstance(value, str) else value
+    if not isinstance(value, str):
+        raise MaxpruneError(f"config key '{key}.{entry}' {source} expects a string, got {value!r}")
+    mapping[entry] = value
 
 
 def _assign(cfg: ConfigDict, key: str, value: Any, source: str, raw: str | None = None) -> None:

@@ -97,6 +97,7 @@ def test_interrupted_write_never_looks_complete(tmp_path, tiny, monkeypatch):
 def test_broken_model_dirs_are_clear_errors(tmp_path, tiny, breakage, fragment):
     arch, params, _ = tiny
     model_dir.save_model_dir(tmp_path / "m", arch, params)
+    (tmp_path / "m" / "manifest.json").unlink()  # a pre-manifest dir: the parse errors themselves
     breakage(tmp_path / "m")
     with pytest.raises(MaxpruneError, match=fragment):
         model_dir.load_model_dir(tmp_path / "m")

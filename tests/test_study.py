@@ -147,7 +147,7 @@ def test_budget_that_does_not_fit_the_data():
 def test_second_runner_on_the_same_study_is_refused(tmp_path):
     from maxprune.study.runner import study_lock
     with study_lock(tmp_path):
-        with pytest.raises(MaxpruneError, match="is being run by pid"):
+        with pytest.raises(MaxpruneError, match="is in use by pid"):
             with study_lock(tmp_path):
                 pass
     with study_lock(tmp_path):  # released: a later runner gets it

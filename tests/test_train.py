@@ -78,7 +78,7 @@ def test_masked_weights_and_their_adam_moments_stay_exactly_zero():
     masks = masks_lib.from_kernels({k: rng.random(masks_lib.get_kernel(params, *k).shape) > 0.5
                                     for k in masks_lib.PRUNABLE})
     state, _ = _run_steps(params, masks, [_batch(seed=i) for i in range(5)])
-    adam = state.opt_state[1][0]
+    adam = state.opt_state.inner_state[1][0]  # apply_if_finite(chain(clip, adamw))
     for block, name, mask in masks_lib.iter_masks(masks):
         off = ~np.asarray(mask)
         for tree in (state.params, adam.mu, adam.nu):

@@ -15,9 +15,11 @@ as Wanda at 50 %). CALIBRATION: 128 x 8192 tokens of C4 in the paper.
 
 import ml_collections
 
+from maxprune.config import config_arg
+
 
 def get_config(arg=None):
-    search = arg == "search"
+    search = config_arg(arg, ("search",)) == "search"
     flap = {"structure": "UL-MM", "metric": "WIFV", "ratio_of": "prunable"}
     if not search:
         flap.update(num_heads=20, ffn_size=6656)

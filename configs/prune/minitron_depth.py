@@ -19,12 +19,14 @@ a prepared dataset dir, or a .npy of token ids.
 
 import ml_collections
 
+from maxprune.config import config_arg
+
 PAPER_RATIOS = {"0.5": (0.5, "prunable"), "0.625": (0.625, "params"), "0.75": (0.75, "params"),
                 "0.813": (13 / 16, "params")}
 
 
 def get_config(arg=None):
-    ratio, ratio_of = PAPER_RATIOS[arg or "0.5"]
+    ratio, ratio_of = PAPER_RATIOS[config_arg(arg, list(PAPER_RATIOS), "0.5")]
     prune = {"method": "minitron_depth", "ratio": ratio, "n_samples": 1024, "batch_size": 8,
              "minitron_depth": {"criterion": "loss", "ratio_of": ratio_of}}
     return ml_collections.ConfigDict({"prune": prune, "model": {"dtype": "bfloat16"}})

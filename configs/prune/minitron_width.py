@@ -17,6 +17,8 @@ CALIBRATION: 1024 x 8192 tokens of WikiText-103 in the paper.
 
 import ml_collections
 
+from maxprune.config import config_arg
+
 PAPER = {  # ratio label -> (ratio, ratio_of, Table 1 hidden, Table 1 FFN)
     "0.5": (0.5, "prunable", 3072, 9216), "0.625": (0.625, "params", 2432, 6144),
     "0.75": (0.75, "params", 1792, 6016), "0.813": (13 / 16, "params", 1536, 4736),
@@ -25,7 +27,8 @@ PAPER = {  # ratio label -> (ratio, ratio_of, Table 1 hidden, Table 1 FFN)
 
 def get_config(arg=None):
     label, _, mode = (arg or "0.5").partition(",")
-    ratio, ratio_of, hidden, ffn = PAPER[label]
+    ratio, ratio_of, hidden, ffn = PAPER[config_arg(label, list(PAPER))]
+    config_arg(mode or None, ("search",))
     width = {"ratio_of": ratio_of}
     if mode != "search":
         width.update(hidden_size=hidden, ffn_size=ffn)

@@ -10,13 +10,15 @@
 
 from ml_collections import ConfigDict
 
+from maxprune.config import config_arg
+
 BUDGETS = {"pretrain": "0:~200B", "retrain": "~200B:~250B", "union": "pretrain+retrain"}
 TOKENS = {"pretrain": "200B", "retrain": "50B", "scratch": "50B", "union": "250B"}
 RANGE = {"pretrain": "pretrain", "retrain": "retrain", "scratch": "retrain", "union": "union"}
 
 
 def get_config(arg="pretrain"):
-    arg = arg or "pretrain"
+    arg = config_arg(arg, list(TOKENS), "pretrain")
     return ConfigDict({
         "model": {"preset": "llama3.1-8b", "dtype": "bfloat16", "remat": "dots_with_no_batch_dims_saveable"},
         "mesh": {"data": 1, "fsdp": -1, "tensor": 1},

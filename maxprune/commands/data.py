@@ -69,6 +69,8 @@ def _add_inspect(parser) -> None:
     parser.add_argument("--sequence", type=int, default=None, metavar="I",
                         help="also decode sequence I (needs --tokenizer)")
     parser.add_argument("--tokenizer", default=None, metavar="PATH|llama3", help="tokenizer for --sequence")
+    parser.add_argument("--verify", action="store_true",
+                        help="also check every shard's sha256 against the manifest (reads the whole dataset)")
 
 
 def _run_inspect(args) -> int:
@@ -93,6 +95,11 @@ def _run_inspect(args) -> int:
     ]
     for name, value in rows:
         print(f"{name:10} {value}")
+    if args.verify:
+        checked = dataset.verify()
+        verdict = (f"{checked} shards: sizes and sha256 match the manifest" if checked
+                   else "nothing: prepared before shard hashes were recorded")
+        print(f"{'verified':10} {verdict}")
     if args.sequence is not None:
         if args.tokenizer is None:
             raise MaxpruneError("--sequence needs --tokenizer to decode it")

@@ -39,11 +39,31 @@ def _run_study(args, cfg) -> int:
     if args.action == "plan":
         print_plan(plan)
         return 0
+    check_inputs(cfg, plan, args.only)
     from maxprune.study.evaluate import evaluator
     runner = runner_lib.StudyRunner(cfg, root, plan, evaluate=evaluator(cfg), progress=not args.quiet)
     runner.run(only=args.only)
     print(f"study {cfg.study.name}: {'run ' + args.only if args.only else 'all runs'} complete in {root}")
     return 0
+
+
+def check_inputs(cfg, plan, only: str | None = None) -> None:
+    """What `run` needs, checked before the study root is created: data, imported parents, the --only run."""
+    from maxprune.convert.hf import arch_from_hf_config, read_hf_config
+    from maxprune.model.model_dir import read_arch
+
+    if only:
+        plan[only]
+    if not cfg.data.train:
+        raise MaxpruneError("data.train is not set: give the prepared dataset the study trains on")
+    for name, path in cfg.study.imported.items():
+        try:
+            if (Path(path) / "config.json").is_file():  # an HF checkpoint, converted when its run comes
+                arch_from_hf_config(read_hf_config(Path(path)))
+            else:
+                read_arch(path)
+        except MaxpruneError as e:
+            raise MaxpruneError(f"study.imported.{name}: {e}") from None
 
 
 def print_plan(plan) -> None:

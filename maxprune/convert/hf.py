@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_dtypes  # noqa: F401  registers numpy's "bfloat16", which safetensors' numpy backend needs
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from maxprune.errors import MaxpruneError
@@ -106,14 +106,18 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     if not hf_dir.is_dir():
-        raise MaxpruneError(f"HF model dir {hf_dir} does not exist")
+        problem = "is a file, not a directory" if hf_dir.exists() else "does not exist"
+        raise MaxpruneError(f"HF model dir {hf_dir} {problem}")
     path = hf_dir / "config.json"
     if not path.is_file():
         raise MaxpruneError(f"{hf_dir} has no config.json; is it a Hugging Face model dir?")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise MaxpruneError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise MaxpruneError(f"{path} holds a JSON {type(config).__name__}, not an object of config keys")
+    return config
 
 
 def arch_from_hf_config(cfg: dict[str, Any]) -> Arch:
@@ -129,7 +133,11 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> Arch:
     if cfg.get("hidden_act", "silu") != "silu":
         raise MaxpruneError(f"config.json has hidden_act={cfg['hidden_act']!r}; "
                             f"only 'silu' is supported")
-    heads = cfg["num_attention_heads"]
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    if not cfg.get("head_dim") and not (isinstance(heads, int) and heads > 0 and isinstance(hidden, int)
+                                        and hidden % heads == 0):
+        raise MaxpruneError(f"config.json has num_attention_heads={heads!r}, which does not divide "
+                            f"hidden_size={hidden!r}, and no head_dim")
     rope_theta, rope_scaling = _rope_from_hf_config(cfg)
     return Arch(
         vocab_size=cfg["vocab_size"],
@@ -180,6 +188,11 @@ def safetensors_files(hf_dir: Path) -> list[Path]:
         if absent:
             raise MaxpruneError(f"{INDEX_FILE} in {hf_dir} names missing shard(s) {absent}")
         return files
+    pickles = sorted(f.name for pattern in ("*.bin", "*.pt", "*.pth") for f in hf_dir.glob(pattern))
+    if pickles:  # torch.load unpickles, which can run arbitrary code: never loaded here
+        raise MaxpruneError(f"{hf_dir} holds only PyTorch pickle weights ({', '.join(pickles[:3])}), which maxprune "
+                            f"does not load; re-save the model as safetensors (save_pretrained(dir, "
+                            f"safe_serialization=True)) and convert that")
     raise MaxpruneError(f"{hf_dir} has no {SINGLE_FILE} or {INDEX_FILE} "
                         f"(only safetensors checkpoints are supported)")
 
@@ -195,27 +208,35 @@ def read_params(files: list[Path], arch: Arch, storage_dtype: str, attention_bia
     expected = {spec.name: spec for spec in _hf_tensor_specs(arch, attention_bias, mlp_bias)}
     seen, bytes_by_dtype = set(), collections.Counter()
     for file in files:
-        with safe_open(file, framework="numpy") as f:
-            for name in f.keys():
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue
-                if name not in expected:
-                    raise MaxpruneError(f"unexpected tensor {name!r} in {file.name} "
-                                        f"for this config.json")
-                spec, shape = expected[name], tuple(f.get_slice(name).get_shape())
-                if shape != spec.shape:
-                    raise MaxpruneError(f"tensor {name!r} has shape {shape} "
-                                        f"but config.json implies {spec.shape}")
-                tensor = f.get_tensor(name)
-                spec.load(params, tensor)
-                seen.add(name)
-                bytes_by_dtype[tensor.dtype.name] += tensor.nbytes
+        try:
+            _read_file(file, expected, params, seen, bytes_by_dtype)
+        except (SafetensorError, OSError) as e:
+            raise MaxpruneError(f"cannot read {file}: {' '.join(str(e).split())} (a corrupt or truncated "
+                                f"safetensors file?)") from None
     # A tied model may also store lm_head.weight; like transformers, the embedding wins.
     missing = sorted(n for n, s in expected.items() if n not in seen and not s.optional)
     if missing:
         shown = missing[:5] + (["..."] if len(missing) > 5 else [])
         raise MaxpruneError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(shown)}")
     return params, bytes_by_dtype.most_common(1)[0][0]
+
+
+def _read_file(file: Path, expected: dict, params: Params, seen: set, bytes_by_dtype: collections.Counter) -> None:
+    with safe_open(file, framework="numpy") as f:
+        for name in f.keys():
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name not in expected:
+                raise MaxpruneError(f"unexpected tensor {name!r} in {file.name} "
+                                    f"for this config.json")
+            spec, shape = expected[name], tuple(f.get_slice(name).get_shape())
+            if shape != spec.shape:
+                raise MaxpruneError(f"tensor {name!r} has shape {shape} "
+                                    f"but config.json implies {spec.shape}")
+            tensor = f.get_tensor(name)
+            spec.load(params, tensor)
+            seen.add(name)
+            bytes_by_dtype[tensor.dtype.name] += tensor.nbytes
 
 
 @dataclasses.dataclass

@@ -143,8 +143,12 @@ def builtin_corpus(data_dir: str | os.PathLike | None = None, vocab_size: int = 
 
     `progress` shows prepare's tqdm bars; `log` receives one line per finished stage.
     """
+    from maxprune.data.tokenizer import DEFAULT_SPECIAL_TOKENS
     if seq_len < 2:
         raise MaxpruneError(f"seq_len={seq_len} must be >= 2")
+    if vocab_size < 256 + len(DEFAULT_SPECIAL_TOKENS):  # what train_bpe needs, checked before anything is written
+        raise MaxpruneError(f"vocab_size={vocab_size} must be >= {256 + len(DEFAULT_SPECIAL_TOKENS)} "
+                            f"(256 bytes + {len(DEFAULT_SPECIAL_TOKENS)} special tokens)")
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     text_dir = root / "text"
     if overwrite or not (text_dir / "text.json").is_file():

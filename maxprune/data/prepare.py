@@ -9,7 +9,8 @@ sequence is dropped (and counted). Sequence `i` of the stream is global index
 Output dir::
 
     seqs-00000-of-000NN.array_record   records = one sequence, seq_len little-endian uint32
-    manifest.json                      sizes, tokenizer identity, per-file provenance; "complete" last
+    manifest.json                      sizes, tokenizer identity, per-file provenance, per-shard
+                                       size and sha256; "complete" last
 
 Work happens in a hidden sibling `.OUT.partial/` that is renamed into place
 only when complete. It is resumable: each source file's tokens are cached there
@@ -17,10 +18,18 @@ only when complete. It is resumable: each source file's tokens are cached there
 renamed, so a killed prepare re-run with the same arguments redoes only the
 unfinished files and shards. Files are tokenized in parallel, but the stream
 order is the sorted file order whatever the worker scheduling.
+
+Integrity: `open_prepared` checks each shard's size against the manifest
+(cheap; catches truncation), a corrupt record (riegeli's chunk checksums) is a
+`MaxpruneError` naming its shard at read time, and `PreparedDataset.verify`
+(`maxprune data inspect --verify`) hashes every shard in full, which is too slow
+to do at every open at paper scale. Datasets prepared before shard hashes were
+recorded open with no shard checks.
 """
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -37,7 +46,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from maxprune import __version__
+from maxprune import __version__, integrity
 from maxprune.data import sources
 from maxprune.data.tokenizer import Tokenizer
 from maxprune.errors import MaxpruneError
@@ -51,6 +60,8 @@ SHARD_BYTES = 1 << 30  # default shard size: ~1 GiB of tokens
 _DOCS_PER_BATCH = 1024
 _CHARS_PER_BATCH = 8 << 20
 _SEQS_PER_READ = 256
+WHAT = "prepared dataset"  # how integrity errors name the thing
+_READ_ERRORS = (RuntimeError, OSError)  # what the ArrayRecord reader raises for a corrupt or unreadable shard
 
 
 @dataclasses.dataclass
@@ -59,7 +70,8 @@ class Manifest:
 
     `files`: per source file {path, size, sha256, documents, tokens, skipped_empty,
     skipped_undecodable, skipped_missing_field}. `shards`: {file, num_sequences,
-    first_sequence} in stream order.
+    first_sequence, size, sha256} in stream order (no size/sha256 in datasets
+    prepared before they were recorded).
     """
 
     seq_len: int
@@ -320,14 +332,19 @@ def _write_shards(pool, staging, file_tokens, num_sequences, seq_len, per_shard,
     jobs = [_ShardJob(str(staging / s["file"]), s["first_sequence"], s["num_sequences"], seq_len,
                       str(staging / FILES_DIR), tuple(file_tokens))
             for s in shards if not (staging / s["file"]).is_file()]
+    digests = {}
     with tqdm(total=num_shards, initial=num_shards - len(jobs), desc="write", unit="shard",
               disable=not progress) as bar:
-        for _ in _completed(pool, _write_shard, jobs):
+        for written in _completed(pool, _write_shard, jobs):
+            digests[written.pop("file")] = written
             bar.update(1)
+    for s in shards:  # a shard an interrupted run wrote is hashed now
+        s.update(digests.get(s["file"]) or integrity.digest(staging / s["file"]))
     return shards
 
 
-def _write_shard(job: _ShardJob) -> None:
+def _write_shard(job: _ShardJob) -> dict:
+    """Write one shard; returns its {file, size, sha256}, hashed while it is still in the page cache."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     tmp = f"{job.path}.tmp"
@@ -342,6 +359,7 @@ def _write_shard(job: _ShardJob) -> None:
     finally:
         writer.close()
     os.replace(tmp, job.path)
+    return {"file": Path(job.path).name, **integrity.digest(job.path)}
 
 
 class _TokenStream:
@@ -432,11 +450,31 @@ class PreparedDataset:
         return self.manifest.num_sequences
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return self._decode(self._reader()[self._checked(index)])
+        index = self._checked(index)
+        try:
+            record = self._reader()[index]
+        except _READ_ERRORS as e:
+            raise self._corrupt(index, str(e)) from e
+        return self._decode(record, index)
 
     def __getitems__(self, indices: Sequence[int]) -> list[np.ndarray]:
-        records = self._reader().__getitems__([self._checked(i) for i in indices])
-        return [self._decode(r) for r in records]
+        indices = [self._checked(i) for i in indices]
+        try:
+            records = self._reader().__getitems__(indices)
+        except _READ_ERRORS:
+            for index in indices:  # one at a time, to name the shard that fails
+                self[index]
+            raise
+        return [self._decode(r, i) for r, i in zip(records, indices)]
+
+    def verify(self) -> int:
+        """Check every shard's size and full sha256 against the manifest (reads the whole dataset).
+
+        Returns how many shards were checked: 0 for a dataset prepared before shard hashes were recorded.
+        """
+        files = {s["file"]: s for s in self.manifest.shards if "sha256" in s}
+        integrity.verify(self.path, files, WHAT)
+        return len(files)
 
     def check_tokenizer(self, tokenizer: str | Tokenizer) -> None:
         """Refuse a model whose tokenizer differs from the one that made these ids."""
@@ -470,16 +508,22 @@ class PreparedDataset:
                 [f"{self.path / s['file']}[0:{s['num_sequences']}]" for s in self.manifest.shards])
         return self._source
 
-    def _decode(self, record: bytes) -> np.ndarray:
+    def _decode(self, record: bytes, index: int) -> np.ndarray:
         tokens_L = np.frombuffer(record, dtype="<u4")
         if tokens_L.size != self.seq_len:
-            raise MaxpruneError(f"prepared dataset {self.path} is corrupt: a record holds "
-                                f"{tokens_L.size} tokens, not seq_len={self.seq_len}")
+            raise self._corrupt(index, f"the record holds {tokens_L.size} tokens, not seq_len={self.seq_len}")
         return tokens_L.astype(np.int32)
+
+    def _corrupt(self, index: int, why: str) -> MaxpruneError:
+        starts = [s["first_sequence"] for s in self.manifest.shards]
+        shard = self.manifest.shards[bisect.bisect_right(starts, index) - 1]["file"]
+        return MaxpruneError(f"prepared dataset shard {self.path / shard} is corrupt: {why} (reading "
+                             f"sequence {index}; `maxprune data inspect --verify {self.path}` checks all shards)")
 
 
 def open_prepared(path: str | os.PathLike) -> PreparedDataset:
-    """Open a complete prepared dataset; an interrupted or foreign dir is an error that says so."""
+    """Open a complete prepared dataset; an interrupted or foreign dir, a missing shard or one whose size
+    differs from the manifest (truncated?) is an error that says so."""
     path = Path(path)
     if not path.is_dir():
         hint = (f"; an interrupted prepare left {staging_path(path.absolute())}: rerun the same "
@@ -490,6 +534,9 @@ def open_prepared(path: str | os.PathLike) -> PreparedDataset:
     if missing:
         raise MaxpruneError(f"prepared dataset {path} is missing shard {missing[0]} "
                             f"({len(missing)} of {len(manifest.shards)} missing)")
+    for shard in manifest.shards:
+        if "size" in shard:  # absent in datasets prepared before shard sizes were recorded
+            integrity.check(path, shard["file"], shard, WHAT, content=False)
     return PreparedDataset(path, manifest)
 
 

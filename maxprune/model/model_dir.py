@@ -7,11 +7,19 @@ Layout::
     masks/             orbax checkpoint of the masks pytree (sparse models only)
     provenance.json    parent, method, pattern, ratio, tokens seen, config, code version
     tokenizer/         tokenizer files, when known (optional)
+    manifest.json      {"files": {relative path: {size, sha256}}} of every file above; written last
 
 A model dir is written into a hidden sibling and renamed into place at the
 end, so an interrupted write never leaves something that looks complete.
 Loading restores each array straight into its sharding on a given mesh, so
 no host ever holds the whole model first.
+
+Integrity: `load_model_dir` checks every file against manifest.json (a
+truncated, edited, missing or stray file is an error naming it); `read_arch`
+and `read_provenance` check their one file. Dirs written before manifests
+existed have no manifest.json and load unchecked. Files added next to a
+finished model (e.g. prune_report.json) are not covered, and allowed; an
+unlisted file inside params/, masks/ or tokenizer/ is an error.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from maxprune import __version__, sharding
+from maxprune import __version__, integrity, sharding
 from maxprune.errors import MaxpruneError
 from maxprune.model import masks as masks_lib
 from maxprune.model.arch import Arch
@@ -38,6 +46,7 @@ PROVENANCE_FILE = "provenance.json"
 PARAMS_DIR = "params"
 MASKS_DIR = "masks"
 TOKENIZER_DIR = "tokenizer"
+WHAT = "model dir"  # how integrity errors name the thing
 
 
 @dataclasses.dataclass
@@ -131,11 +140,16 @@ def _write_contents(tmp: Path, arch, params, masks, provenance, tokenizer_dir) -
     _write_json(tmp / PROVENANCE_FILE, record)
     if tokenizer_dir is not None and jax.process_index() == 0:
         shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+    _sync("maxprune-written")  # every host's orbax files are in place before process 0 hashes them
+    if jax.process_index() == 0:
+        integrity.write(tmp)  # last: a staging dir with a manifest is otherwise complete
 
 
 # ---------------------------------------------------------------------- load
 def read_arch(path: str | os.PathLike) -> Arch:
+    """The Arch of a model dir; arch.json is checked against the manifest, if any (cheap)."""
     path = _require_model_dir(path)
+    _check_one(path, ARCH_FILE)
     try:
         data = json.loads((path / ARCH_FILE).read_text())
     except json.JSONDecodeError as e:
@@ -145,13 +159,21 @@ def read_arch(path: str | os.PathLike) -> Arch:
 
 def read_provenance(path: str | os.PathLike) -> dict:
     file = Path(path) / PROVENANCE_FILE
+    _check_one(file.parent, PROVENANCE_FILE)
     return json.loads(file.read_text()) if file.exists() else {}
 
 
 def load_model_dir(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
-                   as_numpy: bool = False) -> ModelDir:
-    """Load a model dir: onto `mesh` (sharded by logical axes), as host numpy, or onto device 0."""
+                   as_numpy: bool = False, verify: bool = True) -> ModelDir:
+    """Load a model dir: onto `mesh` (sharded by logical axes), as host numpy, or onto device 0.
+
+    verify: first check every file's size and sha256 against manifest.json
+    (~10 s for an 8B model); a dir without one (written before manifests)
+    loads unchecked. arch.json and provenance.json are checked either way.
+    """
     path = _require_model_dir(path)
+    if verify:
+        verify_model_dir(path)
     arch = read_arch(path)
     params = _restore(path / PARAMS_DIR, mesh, as_numpy)
     masks = _restore(path / MASKS_DIR, mesh, as_numpy) if (path / MASKS_DIR).exists() else None
@@ -159,8 +181,24 @@ def load_model_dir(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = Non
     return ModelDir(arch, params, masks, read_provenance(path), path)
 
 
+def verify_model_dir(path: str | os.PathLike) -> bool:
+    """Check a model dir against its manifest; False if it has none (written before manifests)."""
+    files = integrity.read(path, WHAT)
+    if files is not None:
+        integrity.verify(path, files, WHAT)
+    return files is not None
+
+
+def _check_one(path: Path, name: str) -> None:
+    files = integrity.read(path, WHAT)
+    if files is not None and name in files:
+        integrity.check(path, name, files[name], WHAT)
+
+
 def _require_model_dir(path) -> Path:
     path = Path(path)
+    if path.is_file():
+        raise MaxpruneError(f"model dir {path} is a file, not a directory")
     if not path.is_dir():
         raise MaxpruneError(f"model dir {path} does not exist")
     missing = [n for n in (ARCH_FILE, PARAMS_DIR) if not (path / n).exists()]

@@ -8,6 +8,8 @@ tokens). `arg="all"` adds every other method variant.
 
 from ml_collections import ConfigDict
 
+from maxprune.config import config_arg
+
 VOCAB = 2048
 SEQ_LEN = 128
 DEFAULT = ("minitron_depth@0.5", "minitron_width@0.5", "wanda/unstructured@0.5")
@@ -15,7 +17,7 @@ MORE = ("flap@0.5", "sheared_llama@0.5", "wanda/2:4@0.5", "sparsegpt/unstructure
 
 
 def get_config(arg=None):
-    variants = DEFAULT + (MORE if arg == "all" else ())
+    variants = DEFAULT + (MORE if config_arg(arg, ("all",)) == "all" else ())
     return ConfigDict({
         "model": {"preset": "tiny", "dtype": "float32",
                   "arch": {"vocab_size": VOCAB, "hidden_size": 128, "num_layers": 4, "num_heads": 4,

@@ -15,6 +15,7 @@ Every run names the runs it depends on; `plan` only describes, it runs nothing.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from maxprune.data.budgets import parse_tokens
@@ -77,6 +78,17 @@ class Run:
         if self.kind == "prune":  # forward passes over calibration tokens
             per_token /= 3.0
         return per_token * self.tokens
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_@+-][A-Za-z0-9._@+-]*")
+
+
+def check_name(name: str, what: str) -> str:
+    """`name` if it can be one directory inside an output root: no separator, `..`, leading dot or odd byte."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise MaxpruneError(f"{what} {name!r} cannot name a directory inside the output root: use letters, "
+                            f"digits and . _ @ + - only (no '/', '\\', '..' or leading '.')")
+    return name
 
 
 def fmt_tokens(n: int) -> str:
@@ -258,6 +270,8 @@ def plan_study(cfg, parent_arch: Arch, seq_len: int) -> Plan:
                     name = _seeded(f"S{fmt_tokens(nominal)}{'' if kind == 'S_N' else '-total'}.{variant.id}", seed, seeds)
                     add(Run(name, "scratch", arch, tokens, rng, (prune_p,), variant, None, sparsity, seed,
                             extra={"baseline": kind, "retrain_tokens": n}, nominal=nominal))
+    for name in runs:  # run dirs are root / name: none may leave the root
+        check_name(name, "run name")
     start = parse_tokens(s.retrain_from) if s.retrain_from else None
     return Plan(list(runs.values()), m, retrain_all, study_budgets(m, retrain_all, whole, start), seq_len)
 

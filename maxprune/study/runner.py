@@ -3,7 +3,7 @@
 Layout of a study root::
 
     study.json        the plan and every run's status (rewritten atomically)
-    .lock             held (flock) by the one runner allowed at a time
+    .lock             held by the one runner allowed at a time (`maxprune.locks`)
     <run name>/       each run's own dir: run dir of the trainer, or a pruned model dir
         model/        the run's model dir
         eval.json     its evaluation
@@ -16,9 +16,7 @@ rename at the end, so nothing half-written is taken for done).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import json
 import os
 import time
@@ -28,38 +26,20 @@ from typing import Any, Callable
 import ml_collections
 
 from maxprune import config as config_lib
+from maxprune import locks
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import Arch
 from maxprune.model.model_dir import read_arch
 from maxprune.study.plan import Plan, Run, plan_study
 
 STATUS_FILE = "study.json"
-LOCK_FILE = ".lock"
 EVAL_FILE = "eval.json"
 
 
 # ---------------------------------------------------------------- lock/status
-@contextlib.contextmanager
 def study_lock(root: Path):
     """Exclusive lock on the study root; a second runner gets a clear error, a dead one's lock frees itself."""
-    root.mkdir(parents=True, exist_ok=True)
-    handle = open(root / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise MaxpruneError(f"study {root} is being run by {holder}; wait for it or stop it first") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    handle.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+    return locks.dir_lock(root, f"study {root}")
 
 
 def read_status(root: Path) -> dict[str, Any]:

@@ -89,6 +89,25 @@ class MetricsWriter:
             self._tb.close()
 
 
+def drop_after(run_dir: str | Path, step: int) -> None:
+    """Drop rows logged after `step` (a resumed run logs them again), atomically."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):  # a line cut short by a kill
+            continue
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
+
+
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():

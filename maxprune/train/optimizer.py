@@ -42,11 +42,18 @@ def decay_mask(params):
 
 
 def make_optimizer(train_cfg, total_steps: int, peak_lr: float | None = None) -> optax.GradientTransformation:
-    """clip_by_global_norm → AdamW with the recipe's betas, eps and decoupled weight decay."""
+    """clip_by_global_norm → AdamW with the recipe's betas, eps and decoupled weight decay.
+
+    Wrapped in `optax.apply_if_finite`: an update with a non-finite gradient is
+    dropped (params and moments unchanged) up to `train.skip_nonfinite` times in
+    a row; the trainer stops the run when that limit is passed (at once for 0).
+    The wrapper is always there, so changing the limit keeps checkpoints valid.
+    """
     lr = train_cfg.lr if peak_lr is None else peak_lr
     schedule = make_schedule(lr, total_steps, train_cfg.warmup_ratio, train_cfg.min_lr_ratio)
-    return optax.chain(
+    adamw = optax.chain(
         optax.clip_by_global_norm(train_cfg.grad_clip),
         optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
                     weight_decay=train_cfg.weight_decay, mask=decay_mask),
     )
+    return optax.apply_if_finite(adamw, max_consecutive_errors=int(train_cfg.get("skip_nonfinite", 0)))

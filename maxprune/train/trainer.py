@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -31,19 +32,20 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from maxprune import sharding
+from maxprune import locks, sharding
 from maxprune.config import arch_from_config, to_dict
 from maxprune.data import budgets as budgets_lib
 from maxprune.data.loader import data_shard, make_loader, to_global_array
 from maxprune.data.prepare import open_prepared
-from maxprune.errors import MaxpruneError
+from maxprune.errors import Diverged, MaxpruneError, Stopped
 from maxprune.model import llama
 from maxprune.model import masks as masks_lib
 from maxprune.model.arch import Arch
-from maxprune.model.model_dir import load_model_dir, save_model_dir
+from maxprune.model.model_dir import MASKS_DIR, load_model_dir, read_arch, read_provenance, save_model_dir
 from maxprune.train import checkpoint as ckpt_lib
 from maxprune.train import metrics as metrics_lib
 from maxprune.train import optimizer as opt_lib
+from maxprune.train import preemption
 from maxprune.train.step import Teacher, TrainState, init_state, make_train_step
 
 MODEL_SUBDIR = "model"
@@ -159,11 +161,35 @@ def _resolve_teacher(cfg, arch: Arch, mesh):
     if not cfg.train.teacher:
         return None, None
     md = load_model_dir(cfg.train.teacher, mesh)
-    if md.arch.vocab_size != arch.vocab_size:
-        raise MaxpruneError(f"train.teacher={cfg.train.teacher} has vocab_size {md.arch.vocab_size} but the "
-                            f"student has {arch.vocab_size}; distillation needs the same vocabulary")
+    _check_teacher_vocab(cfg.train.teacher, md.arch, arch)
     teacher = Teacher(md.arch, cfg.train.kd_weight, cfg.train.kd_temperature)
     return teacher, masks_lib.apply_masks(md.params, md.masks)
+
+
+def check(cfg) -> None:
+    """The cheap checks of `setup` (no params loaded), run before anything is written:
+    mesh and batch, every model dir and dataset named, tokenizers, the data range and budget."""
+    _check_batch(cfg, sharding.make_mesh(cfg.mesh))
+    t = cfg.train
+    for path in (t.masks_from, t.teacher):
+        if path:
+            read_arch(path)
+    if t.masks_from and not (Path(t.masks_from) / MASKS_DIR).is_dir():
+        raise MaxpruneError(f"train.masks_from={t.masks_from} has no masks")
+    arch = read_arch(t.init) if t.init else arch_from_config(cfg)
+    if t.teacher:
+        _check_teacher_vocab(t.teacher, read_arch(t.teacher), arch)
+    parent = {k: v for k, v in read_provenance(t.init).items() if k == "tokenizer_hash"} if t.init else {}
+    ds = _resolve_data(cfg, arch, parent)
+    _plan_steps(cfg, ds)
+    if cfg.data.validation:
+        open_prepared(cfg.data.validation).check_tokenizer(ds.manifest.tokenizer["hash"])
+
+
+def _check_teacher_vocab(path, teacher: Arch, student: Arch) -> None:
+    if teacher.vocab_size != student.vocab_size:
+        raise MaxpruneError(f"train.teacher={path} has vocab_size {teacher.vocab_size} but the "
+                            f"student has {student.vocab_size}; distillation needs the same vocabulary")
 
 
 def setup(cfg) -> _Setup:
@@ -273,13 +299,24 @@ def validation_loss(cfg, s: _Setup, params) -> float | None:
 # -------------------------------------------------------------------- loop
 def run(cfg, run_dir: str | Path, *, lr: float | None = None, max_steps: int | None = None,
         write_model: bool = True, progress: bool = True) -> TrainResult:
-    """Train (or resume) the run in `run_dir` to its token budget, or to `max_steps` steps."""
+    """Train (or resume) the run in `run_dir` to its token budget, or to `max_steps` steps.
+
+    One process at a time may train in a run dir (`maxprune.locks`). SIGTERM or
+    SIGINT saves a checkpoint and raises `Stopped`; a non-finite loss or gradient
+    (past `train.skip_nonfinite` in a row) raises `Diverged`, keeping the last
+    good checkpoint.
+    """
     run_dir = Path(run_dir).absolute()
     done = read_status(run_dir)
     if done.get("status") == "complete" and (run_dir / MODEL_SUBDIR).exists():
         return TrainResult(run_dir, run_dir / MODEL_SUBDIR, "complete", done["steps"], done["tokens_seen"],
                            done["lr"], done.get("final_loss"), done.get("validation_loss"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check(cfg)  # a mistake leaves nothing behind, not even the run dir
+    with locks.dir_lock(run_dir, f"run dir {run_dir}"):
+        return _run_locked(cfg, run_dir, lr, max_steps, write_model, progress)
+
+
+def _run_locked(cfg, run_dir: Path, lr, max_steps, write_model, progress) -> TrainResult:
     lr = cfg.train.lr if lr is None else lr
     s = setup(cfg)
     schedule = opt_lib.make_schedule(lr, s.steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
@@ -294,78 +331,142 @@ def run(cfg, run_dir: str | Path, *, lr: float | None = None, max_steps: int | N
     loader = make_loader(s.dataset, s.plan.ranges, global_batch=cfg.train.global_batch, seed=cfg.seed,
                          num_epochs=s.plan.epochs,
                          process_index=p_index, process_count=p_count, workers=cfg.data.workers)
-    if ckpt.latest_step() is not None:
-        _check_resume(ckpt.read_meta(), fingerprint, run_dir)
-        abstract = ckpt_lib.abstract_like(state, state_sh)
-        state, data_state, _ = ckpt.restore(abstract)
-        loader.set_state(data_state)
-    writer = metrics_lib.MetricsWriter(run_dir, cfg.train.tensorboard)
     try:
-        state, last_loss, stopped = _loop(cfg, s, state, step_fn, loader, ckpt, fingerprint, writer,
-                                          run_dir, max_steps, progress)
-        ckpt.wait()
+        if ckpt.latest_step() is not None:
+            _check_resume(ckpt.read_meta(), fingerprint, run_dir)
+            abstract = ckpt_lib.abstract_like(state, state_sh)
+            state, data_state, _ = ckpt.restore(abstract)
+            loader.set_state(data_state)
+        if jax.process_index() == 0:  # rows logged after the checkpoint will be logged again
+            metrics_lib.drop_after(run_dir, int(state.step))
+        writer = metrics_lib.MetricsWriter(run_dir, cfg.train.tensorboard)
+        try:
+            with preemption.StopRequests(ckpt) as stop:
+                loop = _Loop(cfg, s, step_fn, loader, ckpt, fingerprint, writer, run_dir, stop)
+                state = loop.run(state, max_steps, progress)
+            ckpt.wait()
+        except Diverged:
+            _write_status(run_dir, {"status": "diverged", "steps": loop.failed_step, "total_steps": s.steps,
+                                    "last_checkpoint": loop.last_saved})
+            raise
+        finally:
+            writer.close()
     finally:
         loader.close()
         ckpt.close()
     step = int(state.step)
     tokens_seen = step * cfg.train.global_batch * s.seq_len
-    result = TrainResult(run_dir, None, "stopped" if stopped else "complete", step, tokens_seen, lr,
-                         last_loss, None)
-    if not stopped:
+    record = {"steps": step, "total_steps": s.steps, "tokens_seen": tokens_seen,
+              "tokens_requested": s.tokens_requested, "lr": lr, "final_loss": loop.last_loss}
+    if stop.signum is not None and step < s.steps:
+        _write_status(run_dir, {**record, "status": "preempted"})
+        name = signal.Signals(stop.signum).name
+        raise Stopped(f"{name}: saved checkpoint step {step} of {s.steps} in {ckpt.directory}; "
+                      f"run the same command to resume", stop.signum)
+    result = TrainResult(run_dir, None, "stopped" if step < s.steps else "complete", step, tokens_seen, lr,
+                         loop.last_loss, None)
+    if result.status == "complete":
         with sharding.use_mesh(s.mesh):
             result.validation_loss = validation_loss(cfg, s, state.params)
         if result.validation_loss is not None:
-            writer.write(step, {"loss": result.validation_loss}, kind="validation")
+            _write_validation(run_dir, step, result.validation_loss, cfg.train.tensorboard)
         if write_model:
             result.model_dir = _save_model(cfg, s, state, run_dir, tokens_seen, lr)
-    writer.close()
-    _write_status(run_dir, {"status": result.status, "steps": step, "total_steps": s.steps,
-                            "tokens_seen": tokens_seen, "tokens_requested": s.tokens_requested,
-                            "lr": lr, "final_loss": last_loss, "validation_loss": result.validation_loss})
+    _write_status(run_dir, {**record, "status": result.status, "validation_loss": result.validation_loss})
     return result
 
 
-def _loop(cfg, s, state, step_fn, loader, ckpt, fingerprint, writer, run_dir, max_steps, progress):
-    """Steps until the budget (or `max_steps`, or `train.stop_after_steps` in this call)."""
-    start = int(state.step)
-    end = s.steps if max_steps is None else min(s.steps, max_steps)
-    if cfg.train.stop_after_steps:
-        end = min(end, start + cfg.train.stop_after_steps)
-    tokens_per_step = cfg.train.global_batch * s.seq_len
-    flops_per_token = s.arch.train_flops_per_token(s.seq_len)
-    peak, _ = metrics_lib.device_peak()
-    n_devices = s.mesh.devices.size
-    bar = tqdm(total=s.steps, initial=start, desc=run_dir.name, disable=not progress or jax.process_index() != 0,
-               dynamic_ncols=True)
-    last_loss, window_start, window_steps = None, time.perf_counter(), 0
-    _write_status(run_dir, {"status": "running", "steps": start, "total_steps": s.steps})
-    with sharding.use_mesh(s.mesh):
-        for step in range(start, end):
-            batch = to_global_array(next(loader), s.mesh)
-            state, metrics = step_fn(state, batch, s.masks, s.teacher_params)
-            window_steps += 1
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == end:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - window_start
-                tps = window_steps * tokens_per_step / elapsed
-                metrics.update(tokens_per_s=tps, step_time_s=elapsed / window_steps,
-                               mfu=metrics_lib.mfu(tps, flops_per_token, n_devices, peak),
-                               tokens_seen=done * tokens_per_step)
-                writer.write(done, metrics)
-                last_loss = metrics["loss"]
-                if not math.isfinite(last_loss):
-                    raise MaxpruneError(f"loss is {last_loss} at step {done}; the last good checkpoint "
-                                        f"is step {ckpt.latest_step()} in {ckpt.directory}")
-                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{metrics['lr']:.2e}")
-                window_start, window_steps = time.perf_counter(), 0
-            bar.update(1)
-            if done % cfg.train.checkpoint_every == 0 or done == end:
-                ckpt.save(done, state, loader.get_state(), fingerprint, force=done == end)
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != end:
-                writer.write(done, {"loss": validation_loss(cfg, s, state.params)}, kind="validation")
-    bar.close()
-    return state, last_loss, int(state.step) < s.steps
+def _write_validation(run_dir: Path, step: int, loss: float, tensorboard: bool) -> None:
+    writer = metrics_lib.MetricsWriter(run_dir, tensorboard)
+    writer.write(step, {"loss": loss}, kind="validation")
+    writer.close()
+
+
+class _Loop:
+    """The step loop: logging, checkpoints, validation, finiteness checks, stop requests."""
+
+    def __init__(self, cfg, s: _Setup, step_fn, loader, ckpt, fingerprint, writer, run_dir: Path, stop):
+        self.cfg, self.s, self.step_fn, self.loader, self.ckpt = cfg, s, step_fn, loader, ckpt
+        self.fingerprint, self.writer, self.run_dir, self.stop = fingerprint, writer, run_dir, stop
+        self.last_loss: float | None = None
+        self.last_saved = ckpt.latest_step()
+        self.failed_step: int | None = None
+        self._nonfinite_in_a_row = 0
+
+    def run(self, state, max_steps: int | None, progress: bool):
+        """Steps until the budget (or `max_steps`, or `train.stop_after_steps` in this call, or a stop request)."""
+        cfg, s = self.cfg, self.s
+        start = int(state.step)
+        end = s.steps if max_steps is None else min(s.steps, max_steps)
+        if cfg.train.stop_after_steps:
+            end = min(end, start + cfg.train.stop_after_steps)
+        tokens_per_step = cfg.train.global_batch * s.seq_len
+        flops_per_token = s.arch.train_flops_per_token(s.seq_len)
+        peak, _ = metrics_lib.device_peak()
+        bar = tqdm(total=s.steps, initial=start, desc=self.run_dir.name,
+                   disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+        window_start, window_steps, pending = time.perf_counter(), 0, None
+        _write_status(self.run_dir, {"status": "running", "steps": start, "total_steps": s.steps})
+        with sharding.use_mesh(s.mesh):
+            for step in range(start, end):
+                if self.stop.requested(step):
+                    break
+                batch = to_global_array(next(self.loader), s.mesh)
+                state, metrics = self.step_fn(state, batch, s.masks, s.teacher_params)
+                window_steps += 1
+                done = step + 1
+                if pending is not None:  # one step behind, so the host never stalls the device
+                    self._check_finite(*pending)
+                pending = (done, metrics)
+                if done % cfg.train.log_every == 0 or done == end:
+                    self._check_finite(*pending)
+                    pending = None
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    elapsed = time.perf_counter() - window_start
+                    tps = window_steps * tokens_per_step / elapsed
+                    values.update(tokens_per_s=tps, step_time_s=elapsed / window_steps,
+                                  mfu=metrics_lib.mfu(tps, flops_per_token, s.mesh.devices.size, peak),
+                                  tokens_seen=done * tokens_per_step)
+                    self.writer.write(done, values)
+                    self.last_loss = values["loss"]
+                    bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{values['lr']:.2e}")
+                    window_start, window_steps = time.perf_counter(), 0
+                bar.update(1)
+                if done % cfg.train.checkpoint_every == 0 or done == end:
+                    if pending is not None:  # never save a state that a non-finite update produced
+                        self._check_finite(*pending)
+                        pending = None
+                    self._save(done, state, force=done == end)
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != end:
+                    self.writer.write(done, {"loss": validation_loss(cfg, s, state.params)}, kind="validation")
+            if pending is not None:
+                self._check_finite(*pending)
+            if self.stop.signum is not None and int(state.step) != self.last_saved:
+                self._save(int(state.step), state, force=True)
+        bar.close()
+        return state
+
+    def _save(self, step: int, state, force: bool) -> None:
+        self.ckpt.save(step, state, self.loader.get_state(), self.fingerprint, force=force)
+        self.last_saved = step
+
+    def _check_finite(self, step: int, metrics) -> None:
+        loss, grad_norm = (float(metrics[k]) for k in ("loss", "grad_norm"))
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self._nonfinite_in_a_row = 0
+            return
+        self._nonfinite_in_a_row += 1
+        limit = self.cfg.train.skip_nonfinite
+        if self._nonfinite_in_a_row > limit:
+            self.failed_step = step
+            self.ckpt.wait()
+            kept = (f"the last good checkpoint is step {self.last_saved} in {self.ckpt.directory}"
+                    if self.last_saved is not None else "no checkpoint was saved before it")
+            skipped = f" after {limit} skipped in a row" if limit else ""
+            raise Diverged(f"loss {loss} / gradient norm {grad_norm} at step {step}{skipped}; {kept}; "
+                           f"lower train.lr or raise train.skip_nonfinite")
+        tqdm.write(f"maxprune: step {step}: loss {loss}, gradient norm {grad_norm}: update skipped "
+                   f"({self._nonfinite_in_a_row} of at most {limit} in a row)")
 
 
 def _save_model(cfg, s: _Setup, state: TrainState, run_dir: Path, tokens_seen: int, lr: float) -> Path:
