@@ -245,3 +245,76 @@ def test_a_dead_holders_lock_does_not_block(tmp_path):
         locks._acquire_exclusive_file(pidfile, "y")
     release()
     assert not pidfile.exists()
+
+
+# ------------------------------------------- kills during pruning and reports
+def _tree_equal(a, b) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_kill9_during_pruning_never_leaves_a_complete_looking_output(tmp_path, tiny_corpus, env):
+    parent = tmp_path / "parent"
+    model_dir.save_model_dir(parent, ARCH, init_params(ARCH, jax.random.key(1)),
+                             provenance={"tokenizer_hash": tiny_corpus["tokenizer"].hash})
+
+    def args(out):
+        return [sys.executable, "-m", "maxprune", "prune", "--config=configs/prune/wanda.py", "--quiet",
+                f"--config.prune.input={parent}", f"--config.prune.output={out}",
+                f"--config.prune.calibration={tiny_corpus['train']}", "--config.prune.n_samples=8",
+                "--config.prune.batch_size=4", "--config.model.arch.vocab_size=300"]
+    repo = Path(__file__).parents[1]
+    started = time.time()
+    done = subprocess.run(args(tmp_path / "reference"), cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    full, reference = time.time() - started, model_dir.load_model_dir(tmp_path / "reference", as_numpy=True)
+    rng, out, outcomes = random.Random(1), tmp_path / "out", []
+    for _ in range(4):
+        proc = subprocess.Popen(args(out), cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2, 0.8) * full)  # startup, calibration, pruning or the write
+        proc.kill()
+        proc.wait()
+        if out.exists():  # finished before the kill: then it is whole
+            md = model_dir.load_model_dir(out, as_numpy=True)
+            _tree_equal(md.params, reference.params)
+            outcomes.append("finished")
+            __import__("shutil").rmtree(out)
+        else:
+            outcomes.append("staging left" if (tmp_path / ".out.partial").exists() else "nothing written")
+    done = subprocess.run(args(out), cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = model_dir.load_model_dir(out, as_numpy=True)
+    _tree_equal(final.params, reference.params)
+    _tree_equal(final.masks, reference.masks)
+    assert not (tmp_path / ".out.partial").exists()
+    print(f"\nprune kill -9 outcomes: {outcomes}")
+
+
+def test_kill9_during_report_writing_never_leaves_half_a_report(tmp_path, env):
+    from test_study import _fixture_plan_and_status
+
+    _, _, status = _fixture_plan_and_status()
+    (tmp_path / "study.json").write_text(json.dumps(status))
+    script = ("import sys; sys.path.insert(0, 'tests'); from test_study import _fixture_plan_and_status; "
+              "from maxprune.study import report; cfg, plan, _ = _fixture_plan_and_status(); "
+              f"report.write_report(cfg, {str(tmp_path)!r}, plan)")
+    repo = Path(__file__).parents[1]
+    started = time.time()
+    assert subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, timeout=300).returncode == 0
+    full = time.time() - started
+    reference = {p.name: p.stat().st_size for p in (tmp_path / "report").iterdir()}
+    rng, seen = random.Random(2), []
+    for _ in range(5):
+        __import__("shutil").rmtree(tmp_path / "report", ignore_errors=True)
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=repo, env=env)
+        time.sleep(rng.uniform(0.6 * full, 1.05 * full))
+        proc.kill()
+        proc.wait()
+        if (tmp_path / "report").exists():
+            assert {p.name for p in (tmp_path / "report").iterdir()} == set(reference)
+            seen.append("whole")
+        else:
+            seen.append("absent")
+    assert len(reference) >= 4
+    print(f"\nreport kill -9 outcomes: {seen}")

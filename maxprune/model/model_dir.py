@@ -17,9 +17,10 @@ no host ever holds the whole model first.
 Integrity: `load_model_dir` checks every file against manifest.json (a
 truncated, edited, missing or stray file is an error naming it); `read_arch`
 and `read_provenance` check their one file. Dirs written before manifests
-existed have no manifest.json and load unchecked. Files added next to a
-finished model (e.g. prune_report.json) are not covered, and allowed; an
-unlisted file inside params/, masks/ or tokenizer/ is an error.
+existed have no manifest.json and load unchecked. Extra files written with
+the model (`extra_files`, e.g. prune_report.json) are covered; files added
+next to a finished model later are not, and allowed; an unlisted file inside
+params/, masks/ or tokenizer/ is an error.
 """
 
 from __future__ import annotations
@@ -114,13 +115,17 @@ def _write_json(path: Path, data: dict) -> None:
 # ---------------------------------------------------------------------- save
 def save_model_dir(path: str | os.PathLike, arch: Arch, params: dict, masks: dict | None = None,
                    provenance: dict | None = None, overwrite: bool = False,
-                   tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    """Write a model dir; refuses a non-empty `path` unless `overwrite`."""
+                   tokenizer_dir: str | os.PathLike | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write a model dir; refuses a non-empty `path` unless `overwrite`.
+
+    `extra_files` ({name: text}, e.g. a pruning report) are written into the
+    staging dir too, so they are covered by the manifest and the atomic rename.
+    """
     path = check_output_dir(path, overwrite).absolute()
     masks_lib.validate_masks(params, masks)
     tmp = staging_dir(path)
     try:
-        _write_contents(tmp, arch, params, masks, provenance, tokenizer_dir)
+        _write_contents(tmp, arch, params, masks, provenance, tokenizer_dir, extra_files or {})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -128,7 +133,7 @@ def save_model_dir(path: str | os.PathLike, arch: Arch, params: dict, masks: dic
     return path
 
 
-def _write_contents(tmp: Path, arch, params, masks, provenance, tokenizer_dir) -> None:
+def _write_contents(tmp: Path, arch, params, masks, provenance, tokenizer_dir, extra_files) -> None:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / PARAMS_DIR, params)
     if masks:
@@ -140,6 +145,9 @@ def _write_contents(tmp: Path, arch, params, masks, provenance, tokenizer_dir) -
     _write_json(tmp / PROVENANCE_FILE, record)
     if tokenizer_dir is not None and jax.process_index() == 0:
         shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+    for name, text in extra_files.items():
+        if jax.process_index() == 0:
+            (tmp / name).write_text(text)
     _sync("maxprune-written")  # every host's orbax files are in place before process 0 hashes them
     if jax.process_index() == 0:
         integrity.write(tmp)  # last: a staging dir with a manifest is otherwise complete

@@ -64,11 +64,9 @@ def prune_model_dir(cfg, overwrite: bool = False, progress: bool = True) -> Path
         result = api.prune(params, md.arch, calibration.tokens_NL, p)
     md.params = params = None  # donated to the pruner
     provenance = _provenance(cfg, md, calibration, result)
-    path = save_model_dir(out, result.arch, result.params, result.masks, provenance, overwrite=overwrite,
-                          tokenizer_dir=md.tokenizer_dir)
-    if jax.process_index() == 0:
-        (path / REPORT_FILE).write_text(json.dumps(_jsonable(result.report), indent=2, sort_keys=True) + "\n")
-    return path
+    report = json.dumps(_jsonable(result.report), indent=2, sort_keys=True) + "\n"
+    return save_model_dir(out, result.arch, result.params, result.masks, provenance, overwrite=overwrite,
+                          tokenizer_dir=md.tokenizer_dir, extra_files={REPORT_FILE: report})
 
 
 def check_method(arch, p) -> None:

@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from maxprune.errors import MaxpruneError
+from maxprune.model.model_dir import commit_dir, staging_dir
 from maxprune.study.plan import Plan, Run, fmt_tokens
 from maxprune.study.runner import read_status
 
@@ -290,17 +291,18 @@ def write_report(cfg, root: str | Path, plan: Plan | None = None) -> list[Path]:
     plan = plan or make_plan(cfg)
     tables, rows = build_tables(plan, read_status(root))
     out = root / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(out)  # written whole, then renamed: a killed report never looks complete
     written = []
     markdown = [f"# Study {cfg.study.name}", ""]
     for table in tables:
-        path = out / f"{_stem(table)}.csv"
+        path = tmp / f"{_stem(table)}.csv"
         path.write_text(table.csv())
         written.append(path)
         markdown.append(table.markdown())
-    (out / "report.md").write_text("\n".join(markdown))
-    written.append(out / "report.md")
-    return written + figures(plan, rows, out)
+    (tmp / "report.md").write_text("\n".join(markdown))
+    written += [tmp / "report.md", *figures(plan, rows, tmp)]
+    commit_dir(tmp, out)
+    return [out / p.name for p in written]
 
 
 def _stem(table: Table) -> str:
