@@ -106,6 +106,34 @@ def test_gqa_attention_matches_naive(heads, kv, impl):
     np.testing.assert_allclose(out, _naive_attention(q, k, v), atol=2e-5)
 
 
+@pytest.mark.parametrize("length", [130, 1100])  # 64-row blocks, the last one short; 69-row blocks
+def test_block_causal_attention_matches_naive(length):
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(1, length, 4, 8)).astype(np.float32)
+    k = rng.normal(size=(1, length, 2, 8)).astype(np.float32)
+    v = rng.normal(size=(1, length, 2, 8)).astype(np.float32)
+    out = gqa_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), "einsum")
+    np.testing.assert_allclose(out, _naive_attention(q, k, v), atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_f32acc_gradients_match_autodiff(dtype):
+    from maxprune.model.layers import matmul_f32acc
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(6, 5)), dtype)
+    w = jnp.asarray(rng.normal(size=(5, 3)), dtype)
+    g = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+    out, vjp = jax.vjp(matmul_f32acc, x, w)
+    assert out.dtype == jnp.float32
+    dx, dw = vjp(g)
+    assert dx.dtype == dtype and dw.dtype == dtype
+    x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2  # bf16: the cotangent is rounded to bf16 first
+    np.testing.assert_allclose(np.asarray(out, np.float64), x64 @ w64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), g64 @ w64.T, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), x64.T @ g64, rtol=tol, atol=tol)
+
+
 def test_apply_layer_composes_to_full_forward():
     a = preset("tiny")
     p = _params(a)

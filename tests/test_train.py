@@ -259,3 +259,16 @@ def test_cli_bad_train_config_exits_2(tmp_path, tiny_corpus, capsys):
                  "--config.model.arch.vocab_size=300", "--config.train.tokens=lots"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("maxprune: error:") and "Traceback" not in err
+
+
+def test_compile_clock_counts_compilations_not_cached_calls():
+    from maxprune.train.metrics import CompileClock
+    f = jax.jit(lambda x: jnp.tanh(x) * 3.0 + 0.5)
+    x = jnp.asarray(np.ones((7, 3), np.float32))
+    with CompileClock() as clock:
+        f(x)
+        f(x)  # cached: not compiled again
+    assert clock.programs == 1 and clock.seconds > 0
+    with CompileClock() as again:
+        f(x)
+    assert again.programs == 0 and again.seconds == 0.0

@@ -37,18 +37,23 @@ def _run_demo(args, cfg) -> int:
     from maxprune.study import report
     from maxprune.study.evaluate import evaluator
     from maxprune.study.runner import StudyRunner, make_plan, read_status
+    from maxprune.train.metrics import CompileClock
 
     start = time.perf_counter()
     cfg = demo_config(cfg, args.all)
     root = Path(args.root) if args.root else Path("runs") / cfg.study.name
     plan = make_plan(cfg)
     print_plan(plan)
-    StudyRunner(cfg, root, plan, evaluate=evaluator(cfg, progress=not args.quiet), progress=not args.quiet).run()
+    with CompileClock() as clock:
+        StudyRunner(cfg, root, plan, evaluate=evaluator(cfg, progress=not args.quiet),
+                    progress=not args.quiet).run()
     paths = report.write_report(cfg, root, plan)
     tables, _ = report.build_tables(plan, read_status(root))
     print()
     print(tables[0].markdown())
-    print(f"report and figures: {root / 'report'} ({len(paths)} files); {time.perf_counter() - start:.0f} s in all")
+    total = time.perf_counter() - start
+    print(f"report and figures: {root / 'report'} ({len(paths)} files); {total:.0f} s in all, of which "
+          f"{clock.seconds:.0f} s compiling {clock.programs} XLA programs")
     return 0
 
 

@@ -27,6 +27,35 @@ KERNEL_INIT = nn.initializers.truncated_normal(stddev=0.02)
 constrain = sharding.constrain  # logical-axis constraint on an activation
 
 
+@jax.custom_vjp
+def matmul_f32acc(x_ND: jax.Array, w_DF: jax.Array) -> jax.Array:
+    """``x @ w`` on 2-D operands of the compute dtype, accumulated and returned in fp32.
+
+    Forward and both backward matmuls take compute-dtype operands and accumulate
+    in fp32 (autodiff alone would run the backward on the fp32 cotangent, i.e.
+    in fp32). Flat 2-D operands matter on XLA:CPU: the backward of a
+    [B, L, in] x [in, out] contraction runs ~1.4x slower than the flattened
+    one's, and bf16 x bf16 -> fp32 uses the AVX512-BF16 kernels (~2x fp32)
+    where bf16 -> bf16 does not. Accelerators accumulate in fp32 anyway.
+    """
+    return jnp.dot(x_ND, w_DF, preferred_element_type=jnp.float32)
+
+
+def _matmul_fwd(x_ND, w_DF):
+    return matmul_f32acc(x_ND, w_DF), (x_ND, w_DF)
+
+
+def _matmul_bwd(res, g_NF):
+    x_ND, w_DF = res
+    g_NF = g_NF.astype(x_ND.dtype)
+    dx_ND = jnp.dot(g_NF, w_DF.T, preferred_element_type=jnp.float32).astype(x_ND.dtype)
+    dw_DF = jnp.dot(x_ND.T, g_NF, preferred_element_type=jnp.float32).astype(w_DF.dtype)
+    return dx_ND, dw_DF
+
+
+matmul_f32acc.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class MaskedDense(nn.Module):
     """``y = x @ (W ⊙ M) (+ b)`` with W ``[in, out]`` and an optional bool mask M."""
 
@@ -45,8 +74,9 @@ class MaskedDense(nn.Module):
         if self.has_variable("masks", "kernel"):
             mask = self.get_variable("masks", "kernel")
             kernel = jnp.where(mask, kernel, jnp.zeros((), kernel.dtype))
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
-                       preferred_element_type=self.out_dtype)
+        x_ND = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = matmul_f32acc(x_ND, kernel.astype(self.dtype))
+        y = y.astype(self.out_dtype or self.dtype).reshape(*x.shape[:-1], self.features)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
@@ -102,21 +132,43 @@ def apply_rope(x_BLNH: jax.Array, cos_BLH: jax.Array, sin_BLH: jax.Array) -> jax
 
 
 # ----------------------------------------------------------------- attention
+MIN_BLOCK, MAX_BLOCKS = 64, 16  # the einsum path's block-causal loop: rows per block, blocks
+
+
 def gqa_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, impl: str) -> jax.Array:
-    """Causal grouped-query attention without repeating K/V; fp32 softmax."""
+    """Causal grouped-query attention without repeating K/V; fp32 softmax.
+
+    The einsum path is block-causal when queries and keys are the same
+    sequence: each block of queries (64 rows, or T/16 for long sequences, so
+    the unrolled loop stays short) attends only to the keys up to its last row.
+    That skips ~45 % of the score work at 512 tokens and keeps each block's
+    scores in cache: 1.9x faster forward and backward on CPU at 512 tokens.
+    """
     B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
+    K, S = k_BSKH.shape[2], k_BSKH.shape[1]
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
                                             implementation=impl)
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    block = max(MIN_BLOCK, -(-T // MAX_BLOCKS))
+    if T != S or T <= block:
+        return _attend(q_BTKGH, k_BSKH, v_BSKH, 0).reshape(B, T, N, H)
+    blocks = [_attend(q_BTKGH[:, start:start + block], k_BSKH[:, :start + block],
+                      v_BSKH[:, :start + block], start)
+              for start in range(0, T, block)]
+    return jnp.concatenate(blocks, axis=1).reshape(B, T, N, H)
+
+
+def _attend(q_BTKGH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, offset: int) -> jax.Array:
+    """Queries at positions offset.. attending causally to keys 0..S-1 (key s <= query position)."""
+    T, S, H = q_BTKGH.shape[1], k_BSKH.shape[1], q_BTKGH.shape[-1]
     scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
                         preferred_element_type=jnp.float32) / math.sqrt(H)
-    causal_TS = jnp.tril(jnp.ones((T, k_BSKH.shape[1]), dtype=bool))
+    causal_TS = jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None]
     scores = jnp.where(causal_TS, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
-    return out_BTKGH.reshape(B, T, N, H)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH, preferred_element_type=jnp.float32)
+    return out_BTKGH.astype(v_BSKH.dtype)
 
 
 class Attention(nn.Module):

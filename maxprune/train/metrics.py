@@ -121,3 +121,29 @@ def _plain(value):
         return float(value) if not isinstance(value, (int, str, bool, type(None))) else value
     except TypeError:
         return str(value)
+
+
+class CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling (XLA) while active, and how many programs.
+
+    Reads JAX's own compile events (`jax.monitoring`), so it counts every jit in
+    the process: the train step, evaluation, pruning passes, checkpoint I/O.
+    """
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self):
+        self.seconds, self.programs = 0.0, 0
+
+    def _listen(self, event: str, duration: float, **kwargs) -> None:
+        if event in self.EVENTS:
+            self.seconds += duration
+            self.programs += event == self.EVENTS[-1]
+
+    def __enter__(self) -> CompileClock:
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listen)
