@@ -4,8 +4,10 @@ Perplexity, validation loss and every lm-eval request reduce to one question:
 what log-probability does the model give each target token? `Scorer` answers it
 for batches of variable-length sequences. Sequences are right-padded to one of a
 few bucket lengths (powers of two by default) and batches to a fixed row count,
-so XLA compiles at most once per bucket however many distinct request lengths
-lm-eval produces; `compile_count` says how many times it did. Right padding is
+so XLA compiles at most once per bucket (and, when only a continuation's
+targets are scored, per power-of-two continuation bucket) however many
+distinct request lengths lm-eval produces; `compile_count` says how many times
+it did. Right padding is
 safe because attention is causal: padding after a token never changes it.
 
 The batch is sharded over the mesh's data x fsdp axes and the params keep the
@@ -66,8 +68,8 @@ class Scorer:
 
     @property
     def compile_count(self) -> int:
-        """Distinct (function, shape) pairs compiled so far: at most one per bucket and kind (score,
-        logprob, next); rows depend on the bucket only."""
+        """Distinct (function, shape) pairs compiled so far: at most one per bucket, continuation
+        bucket and kind (score, logprob, next); rows depend on the bucket only."""
         return len(self._compiled)
 
     @property
@@ -82,23 +84,29 @@ class Scorer:
         raise MaxpruneError(f"a sequence of {length} tokens exceeds the longest bucket {self.max_length}")
 
     # ------------------------------------------------------------ batched calls
-    def score_batch(self, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], greedy: bool = True
-                    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    def score_batch(self, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], greedy: bool = True,
+                    tail: int | None = None) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """Per sequence: (logprob_T float32, is_greedy_T bool) for each of its targets.
 
         All are padded to the bucket of the longest one, `rows_for(bucket)` per call.
         `greedy=False` skips the argmax pass over the vocab (perplexity does not need it)
-        and gives None for is_greedy.
+        and gives None for is_greedy. `tail=n` scores only each sequence's last n
+        targets (a continuation after its context): the lm_head and the softmax then
+        run on a power-of-two bucket of n positions instead of the whole length, and
+        each result holds at least its last n targets.
         """
         length = self.bucket(max(len(x) for x in inputs))
+        tail = _tail_bucket(tail, length)
         rows, out = self.rows_for(length), []
         for start in range(0, len(inputs), rows):
-            chunk_tg = targets[start:start + rows]
-            logprob_BL, greedy_BL = self._run("score" if greedy else "logprob", length,
-                                              _pad(inputs[start:start + rows], rows, length),
-                                              _pad(chunk_tg, rows, length))
-            out += [(logprob_BL[i, :len(t)], None if greedy_BL is None else greedy_BL[i, :len(t)])
-                    for i, t in enumerate(chunk_tg)]
+            chunk_in, chunk_tg = inputs[start:start + rows], targets[start:start + rows]
+            arrays = [_pad(chunk_in, rows, length), _pad(chunk_tg, rows, length)]
+            if tail:
+                arrays.append(_tail_positions(chunk_in, rows, tail))
+            logprob_BL, greedy_BL = self._run("score" if greedy else "logprob", length, *arrays)
+            for i, t in enumerate(chunk_tg):
+                keep = slice(None, len(t)) if not tail else slice(tail - min(len(t), tail), None)
+                out.append((logprob_BL[i, keep], None if greedy_BL is None else greedy_BL[i, keep]))
         return out
 
     def next_tokens(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
@@ -114,26 +122,49 @@ class Scorer:
 
     # ------------------------------------------------------------ compilation
     def _run(self, kind: str, length: int, *arrays: np.ndarray):
-        key = (kind, length)  # rows follow from the length
+        key = (kind, length) + tuple(a.shape[1] for a in arrays[2:])  # rows follow from the length
         with sharding.use_mesh(self.mesh):
             device_arrays = [_to_global(a, self.mesh) for a in arrays]
             if key not in self._compiled:
                 fn = {"score": _score_fn, "logprob": _logprob_fn, "next": _next_fn}[kind]
                 replicated = NamedSharding(self.mesh, PartitionSpec())
-                jitted = jax.jit(lambda p, m, *xs: fn(p, m, *xs, self.arch, self.options),
+                jitted = jax.jit(lambda p, m, *xs: fn(p, m, *xs, arch=self.arch, options=self.options),
                                  out_shardings=replicated)
                 self._compiled[key] = jitted.lower(self.params, self.masks, *device_arrays).compile()
             result = self._compiled[key](self.params, self.masks, *device_arrays)
         return jax.tree.map(np.asarray, result)
 
 
-def _score_fn(params, masks, inputs_BL, targets_BL, arch, options):
-    logits_BLV = llama.forward(params, inputs_BL, arch, masks, options)
-    return _target_logprob(logits_BLV, targets_BL), jnp.argmax(logits_BLV, axis=-1) == targets_BL
+def _score_fn(params, masks, inputs_BL, targets_BL, *rest, arch, options):
+    logits_BTV, targets_BT = _logits(params, masks, inputs_BL, targets_BL, *rest, arch=arch, options=options)
+    return _target_logprob(logits_BTV, targets_BT), jnp.argmax(logits_BTV, axis=-1) == targets_BT
 
 
-def _logprob_fn(params, masks, inputs_BL, targets_BL, arch, options):
-    return _target_logprob(llama.forward(params, inputs_BL, arch, masks, options), targets_BL), None
+def _logprob_fn(params, masks, inputs_BL, targets_BL, *rest, arch, options):
+    logits_BTV, targets_BT = _logits(params, masks, inputs_BL, targets_BL, *rest, arch=arch, options=options)
+    return _target_logprob(logits_BTV, targets_BT), None
+
+
+def _logits(params, masks, inputs_BL, targets_BL, keep_BT=None, *, arch, options):
+    """Logits and targets at every position, or only at the positions `keep_BT`."""
+    logits = llama.forward(params, inputs_BL, arch, masks, options, keep_BT=keep_BT)
+    return logits, targets_BL if keep_BT is None else jnp.take_along_axis(targets_BL, keep_BT, axis=1)
+
+
+def _tail_bucket(tail: int | None, length: int, smallest: int = 8) -> int | None:
+    """A power of two >= `tail` (at least `smallest`), or None when it would not be shorter than `length`."""
+    if not tail:
+        return None
+    bucket = max(smallest, 1 << math.ceil(math.log2(tail)))
+    return bucket if bucket < length else None
+
+
+def _tail_positions(seqs: Sequence[np.ndarray], rows: int, tail: int) -> np.ndarray:
+    """[rows, tail] int32: each sequence's last `tail` positions (clipped at 0; padding rows: 0)."""
+    out_BT = np.zeros((rows, tail), np.int32)
+    for i, s in enumerate(seqs):
+        out_BT[i] = np.maximum(np.arange(len(s) - tail, len(s)), 0)
+    return out_BT
 
 
 def _target_logprob(logits_BLV, targets_BL):
@@ -142,7 +173,7 @@ def _target_logprob(logits_BLV, targets_BL):
     return jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0] - logz_BL
 
 
-def _next_fn(params, masks, inputs_BL, last_B, arch, options):
+def _next_fn(params, masks, inputs_BL, last_B, *, arch, options):
     logits_BLV = llama.forward(params, inputs_BL, arch, masks, options)
     last_BV = jnp.take_along_axis(logits_BLV, last_B[:, None, None], axis=1)[:, 0]
     return jnp.argmax(last_BV, axis=-1).astype(jnp.int32)

@@ -125,9 +125,11 @@ class Llama(nn.Module):
         x_BLD, _ = self.layers(x_BLD, rope)
         return self.final_norm(x_BLD)
 
-    def __call__(self, tokens_BL, positions_BL=None):
-        """Logits ``[B, L, V]`` in fp32."""
+    def __call__(self, tokens_BL, positions_BL=None, keep_BT=None):
+        """Logits ``[B, L, V]`` in fp32; only at positions `keep_BT` ``[B, T]`` when given."""
         h_BLD = self.hidden_states(tokens_BL, positions_BL)
+        if keep_BT is not None:  # e.g. scoring a continuation: no head work on the context
+            h_BLD = jnp.take_along_axis(h_BLD, keep_BT[..., None], axis=1)
         if self.arch.tie_embeddings:
             w_VD = self.embed.embedding.astype(h_BLD.dtype)
             logits = jnp.einsum("bld,vd->blv", h_BLD, w_VD, preferred_element_type=jnp.float32)
@@ -150,12 +152,14 @@ def abstract_params(arch: Arch) -> Params:
 
 
 def forward(params: Params, tokens_BL: jax.Array, arch: Arch, masks: Params | None = None,
-            options: ModelOptions = ModelOptions(), positions_BL: jax.Array | None = None) -> jax.Array:
-    """Logits ``[B, L, V]`` (fp32) of `tokens_BL` under `params` (and `masks`)."""
+            options: ModelOptions = ModelOptions(), positions_BL: jax.Array | None = None,
+            keep_BT: jax.Array | None = None) -> jax.Array:
+    """Logits ``[B, L, V]`` (fp32) of `tokens_BL` under `params` (and `masks`); with `keep_BT`
+    ``[B, T]`` (positions per row), only the logits ``[B, T, V]`` at those positions."""
     variables = {"params": params}
     if masks:
         variables["masks"] = masks
-    return Llama(arch, options).apply(variables, tokens_BL, positions_BL)
+    return Llama(arch, options).apply(variables, tokens_BL, positions_BL, keep_BT)
 
 
 def apply_layer(layer_params: Params, x_BLD: jax.Array, arch: Arch, positions_BL=None,
