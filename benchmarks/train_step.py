@@ -4,7 +4,8 @@ Both do one full step of the paper's recipe on the same batch: forward,
 next-token cross-entropy, backward, global-norm clipping at 1.0 and AdamW
 (0.9/0.95, eps 1e-8, weight decay 0.01). maxprune runs its real train step
 (`maxprune.train.step.make_train_step`); torch runs `LlamaForCausalLM` with
-SDPA and `torch.optim.AdamW`. MFU is reported against the fp32 GEMM peak
+SDPA and `torch.optim.AdamW`, in fp32 and with bf16 autocast (fp32 weights, bf16
+matmuls: the same mixed precision as maxprune's bf16). MFU is reported against the fp32 GEMM peak
 measured in the same run (XLA 2048³ matmul) — the machine's practical limit.
 
     python benchmarks/train_step.py                       # vocab 8192, hidden 512, 8 layers, seq 512, batch 8
@@ -60,7 +61,8 @@ def maxprune_step(params, arch: Arch, tokens_BL, dtype: str, remat: str):
     return run
 
 
-def torch_step(hf_dir: Path, tokens_BL):
+def torch_step(hf_dir: Path, tokens_BL, autocast_bf16: bool = False):
+    """fp32 weights and AdamW; `autocast_bf16` runs the forward/backward matmuls in bf16 (torch.autocast)."""
     model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
                                                           attn_implementation="sdpa").train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
@@ -68,7 +70,8 @@ def torch_step(hf_dir: Path, tokens_BL):
 
     def run():
         opt.zero_grad(set_to_none=True)
-        loss = model(tokens, labels=tokens).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+            loss = model(tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -94,8 +97,9 @@ def main(argv=None) -> dict:
     runners = {}
     with tempfile.TemporaryDirectory() as tmp:
         save_model_dir(Path(tmp) / "md", arch, params)
-        runners["transformers torch fp32"] = torch_step(hf.to_hf(Path(tmp) / "md", Path(tmp) / "hf",
-                                                                 dtype="float32"), tokens_BL)
+        hf_dir = hf.to_hf(Path(tmp) / "md", Path(tmp) / "hf", dtype="float32")
+        runners["transformers torch fp32"] = torch_step(hf_dir, tokens_BL)
+        runners["transformers torch bf16 autocast"] = torch_step(hf_dir, tokens_BL, autocast_bf16=True)
     runners["maxprune jax fp32"] = maxprune_step(params, arch, tokens_BL, "float32", args.remat)
     runners["maxprune jax bf16"] = maxprune_step(params, arch, tokens_BL, "bfloat16", args.remat)
     # First-step losses agree (same weights, same batch) before timing means anything.
@@ -118,9 +122,9 @@ def main(argv=None) -> dict:
 
     print(f"train step ({name}): batch {s['batch']} x seq {s['seq']}, {arch.num_params() / 1e6:.1f} M params, "
           f"AdamW + clip; measured fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s")
-    print(f"{'implementation':<26}{'median s':>10}{'tokens/s':>11}{'vs torch':>10}{'MFU':>8}{'loss@1':>9}")
+    print(f"{'implementation':<34}{'median s':>10}{'tokens/s':>11}{'vs torch':>10}{'MFU':>8}{'loss@1':>9}")
     for key, r in results.items():
-        print(f"{key:<26}{r['median_s']:>10.3f}{r['tokens_per_s']:>11.0f}{r['vs_torch']:>9.2f}x"
+        print(f"{key:<34}{r['median_s']:>10.3f}{r['tokens_per_s']:>11.0f}{r['vs_torch']:>9.2f}x"
               f"{100 * r['mfu_vs_measured_fp32_gemm']:>7.1f}%{r['first_loss']:>9.4f}")
     record = {"benchmark": "train_step", "preset": name, "shapes": s, "arch": arch.to_dict(),
               "flops_per_token": flops_per_token, "measured_fp32_gemm_flops": peak,
