@@ -71,12 +71,12 @@ class Keep:
     def __init__(self, accumulator=None, prune=None):
         self.accumulator, self.prune, self.calls = accumulator, prune, []
 
-    def prune_layer(self, layer_params, stats, linears):
+    def prune_layer(self, layers, i, stats, linears):
         self.calls.append((tuple(linears), stats))
         masks = {}
         if self.prune is not None:
-            masks = {n: self.prune(engine.get_linear(layer_params, n)) for n in linears}
-        return layer_params, masks, {n: {"seen": True} for n in linears}
+            masks = {n: self.prune(engine.stacked_linear(layers, n)[i]) for n in linears}
+        return {}, masks, {n: {"seen": True} for n in linears}
 
 
 def test_collect_stats_sees_every_site_of_the_dense_model(setup):
@@ -130,6 +130,42 @@ def test_sequential_order_takes_stats_from_the_partly_pruned_layer(setup):
     np.testing.assert_allclose(keep.calls[1][1]["attn_out"], np.asarray(sites["attn_out"]).sum((0, 1)) / 6,
                                rtol=1e-4, atol=1e-5)
     assert result.report["order"] == "sequential"
+
+
+def test_reference_groups_last_site_first_see_the_dense_layer(setup):
+    """A pruner may take reference order in groups (back to front): each group's stats are still the dense layer's."""
+    params, calibration = setup
+    half = lambda w: jnp.abs(w) > jnp.median(jnp.abs(w))
+    keep = Keep(accumulator=Sums(), prune=half)
+    keep.reference_groups = (("down",), ("gate", "up"), ("o",), ("q", "k", "v"))
+    grouped = engine.prune_layerwise(params, ARCH, calibration, keep, OPTS)
+    assert [c[0] for c in keep.calls[:4]] == list(keep.reference_groups)
+    for (_, stats), site in zip(keep.calls[:4], ("mlp_hidden", "mlp_in", "attn_out", "attn_in")):
+        np.testing.assert_allclose(stats[site], _manual_sites(params, calibration)[0][site].sum((0, 1)) / 6,
+                                   rtol=1e-4, atol=1e-5, err_msg=site)
+    whole = engine.prune_layerwise(params, ARCH, calibration, Keep(accumulator=Sums(), prune=half), OPTS)
+    for a, b in zip(jax.tree.leaves((grouped.params, grouped.masks)), jax.tree.leaves((whole.params, whole.masks))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(grouped.report["layers"], whole.report["layers"]):
+        for name in engine.ALL_LINEARS:
+            assert a["linears"][name]["sparsity"] == b["linears"][name]["sparsity"]
+            assert a["linears"][name]["rel_error"] == pytest.approx(b["linears"][name]["rel_error"], rel=1e-5)
+    with pytest.raises(MaxpruneError, match="reads a site after"):
+        engine.check_reference_groups((("q", "k", "v"), ("o", "gate", "up", "down")))
+    with pytest.raises(MaxpruneError, match="once"):
+        engine.check_reference_groups((("down",), ("q", "k", "v")))
+
+
+def test_in_place_helpers_work_block_by_block():
+    rng = np.random.default_rng(3)
+    stack = jnp.asarray(rng.standard_normal((3, 10, 7)).astype(np.float32))
+    keep = jnp.asarray(rng.random((10, 7)) > 0.5)
+    expected = stack.at[1].set(jnp.where(keep, stack[1], 0.0))
+    for block_elements in (7 * 4, 7 * 5, 1 << 20):  # blocks of 4 rows and a tail of 2; of 5; all at once
+        np.testing.assert_array_equal(np.asarray(engine._zero_in_place(stack, keep, 1, block_elements)),
+                                      np.asarray(expected))
+    big = rng.random((1100, 1000)) > 0.3  # over a block of rows: a loop and a tail
+    assert int(engine._count_kept({"k": jnp.asarray(big)})["k"]) == int(big.sum())
 
 
 def test_sharded_params_prune_alike_keep_their_shardings_and_survive_unless_donated(setup, devices8):

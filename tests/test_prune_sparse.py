@@ -20,7 +20,7 @@ from maxprune.cli import main
 from maxprune.errors import MaxpruneError
 from maxprune.model import llama, masks as masks_lib, model_dir
 from maxprune.model.arch import preset
-from maxprune.prune import api, engine, magnitude, report, run, sparsegpt, wanda
+from maxprune.prune import api, engine, magnitude, nm as nm_lib, report, run, sparsegpt, wanda
 
 ARCH = preset("tiny").replace(vocab_size=300)
 FP32 = llama.ModelOptions(dtype="float32")
@@ -160,6 +160,23 @@ def test_mask_rules_break_ties_like_a_stable_sort():
         ones = jnp.ones(48, jnp.float32)
         np.testing.assert_array_equal(np.asarray(wanda.wanda_keep(w_IO, ones, 0.5, nm)),
                                       ref_wanda(w_IO.T, np.ones((1, 1, 48)), 0.5, nm).T)
+
+
+def test_blocked_rules_and_hessians_equal_the_whole_array_ones():
+    """Mask rules a block of outputs at a time, Hessians a block of rows at a time: as computed whole (tails too)."""
+    rng = np.random.default_rng(7)
+    score = jnp.asarray(np.abs(np.round(rng.standard_normal((48, 20)) * 2)).astype(np.float32))  # ties too
+    rules = (lambda s: nm_lib.prune_lowest_per_output(s, 24), lambda s: nm_lib.prune_n_of_m(s, 2, 4))
+    for rule in rules:
+        whole = np.asarray(rule(score))
+        for max_elements in (48 * 8, 48 * 3):  # 8 outputs a block: 2 blocks and a tail of 4; 2 a block: 10
+            np.testing.assert_array_equal(np.asarray(nm_lib.by_output_blocks(rule, score, max_elements)), whole)
+    x = jnp.asarray(_inputs(5, n=3, length=5, width=40))
+    h0 = jnp.asarray(rng.standard_normal((40, 40)).astype(np.float32))
+    whole = h0 + jnp.einsum("bli,blj->ij", x, x, precision=jax.lax.Precision.HIGHEST)
+    for block_elements in (40 * 16, 40 * 5):  # 16 rows a block: 2 and a tail of 8; 4 rows: 10 blocks
+        np.testing.assert_allclose(np.asarray(sparsegpt._add_gram(h0, x, block_elements)), np.asarray(whole),
+                                   rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("nm,width,dead", [(None, 48, ()), ((2, 4), 48, ()), (None, 40, (3, 17)),

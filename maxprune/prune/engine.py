@@ -26,20 +26,28 @@ Two entry points:
 
 - `prune_layerwise(params, arch, calibration_NL, pruner, options)`: the shared
   layer loop of Wanda / SparseGPT / magnitude (METHODS.md): statistics from the
-  *dense* layer for all seven linears at once (``order="reference"``), or group
-  by group q,k,v → o → gate,up → down from the partly pruned layer
-  (``order="sequential"``, SparseGPT's ``--true-sequential``); the *pruned*
-  layer feeds the next one. Returns a `PruneResult` with masks and a report
-  (per linear: sparsity, relative reconstruction error ‖XW−XŴ‖/‖XW‖ on the
-  dense layer's calibration inputs; per layer: seconds).
+  *dense* layer for all seven linears (``order="reference"``; a pruner may ask
+  for them in groups, last input site first, so that one group's statistics
+  are alive at a time — a linear only changes the sites after its own, so the
+  statistics stay the dense layer's), or group by group q,k,v → o → gate,up →
+  down from the partly pruned layer (``order="sequential"``, SparseGPT's
+  ``--true-sequential``); the *pruned* layer feeds the next one. Returns a
+  `PruneResult` with masks and a report (per linear: sparsity, relative
+  reconstruction error ‖XW−XŴ‖/‖XW‖ on the dense layer's calibration inputs;
+  per layer: seconds).
 - `collect_stats(params, arch, calibration_NL, accumulator, options)`: one pass
   of the *unchanged* model, finalized statistics per layer (FLAP, Minitron).
 
 Memory: the calibration activations (chunks of `batch_size` sequences in the
-compute dtype) plus one layer's statistics and one layer's params. Params may be
-sharded on a mesh (found from their shardings): each layer is gathered
-(replicated) for the statistics and the decision, written back into the stacked
-sharded arrays in place (donated), and the activation chunks are batch-sharded.
+compute dtype) plus one group's statistics and decisions. `prune_layerwise`
+makes no copy of the layer: every jitted pass and decision reads layer ``i``
+from the stacked ``[num_layers, ...]`` arrays itself (`take_layer`), and the
+pruned kernels and masks are written into the stacks in place (donated); only
+``order="sequential"`` with reconstruction errors keeps a dense copy of the
+layer (its errors are measured on the dense layer's inputs). Params may be
+sharded on a mesh (found from their shardings): inside those programs layer
+``i`` is gathered (replicated) for the statistics and the decision, the
+stacks keep their shardings, and the activation chunks are batch-sharded.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -99,22 +108,30 @@ class Accumulator(Protocol):
 
 
 class LayerPruner(Protocol):
-    """One layer's decision: ``prune_layer(layer_params, stats, linears)``.
+    """One layer's decision: ``prune_layer(layers, i, stats, linears)``.
 
-    `layer_params`: the layer's params (one layer index, kernels ``[in, out]``),
+    `layers`: the stacked ``params["layers"]`` (``[num_layers, ...]``, kernels
+    ``[L, in, out]``) and `i` the layer index — read layer i inside your jitted
+    functions with `take_layer` / `take` (no copy of the layer outside them);
     `stats`: the finalized accumulator output for the sites of `linears` (None
-    when `accumulator` is None: magnitude needs no statistics), `linears`: the
-    names (q, k, v, o, gate, up, down) to prune now. Returns the new layer params,
-    ``{linear: keep-mask [in, out] bool}`` for those linears, and a JSON-able
-    ``{linear: {...}}`` report merged into the engine's per-linear report. The
-    engine zeroes masked weights itself, taking ownership of (donating) any
-    kernel array the pruner returns anew.
+    when `accumulator` is None: magnitude needs no statistics; yours to consume),
+    `linears`: the names (q, k, v, o, gate, up, down) to prune now. Returns
+    ``{linear: new kernel [in, out]}`` for the kernels it changed besides
+    masking (SparseGPT's updates; ``{}`` for Wanda), ``{linear: keep-mask
+    [in, out] bool}`` for those linears, and a JSON-able ``{linear: {...}}``
+    report merged into the engine's per-linear report. The engine zeroes masked
+    weights and writes both into the stacks in place.
+
+    `reference_groups` (optional, default ``(ALL_LINEARS,)``): the groups of
+    linears ``order="reference"`` prunes one after another, last input site
+    first (see `check_reference_groups`): fewer statistics alive at a time for
+    a few more partial forward passes.
     """
 
     accumulator: Accumulator | None
 
-    def prune_layer(self, layer_params: Tree, stats: Any, linears: Sequence[str]
-                    ) -> tuple[Tree, dict[str, jax.Array], dict[str, dict]]: ...
+    def prune_layer(self, layers: Tree, i: int, stats: Any, linears: Sequence[str]
+                    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], dict[str, dict]]: ...
 
 
 # -------------------------------------------------------------------- options
@@ -176,16 +193,57 @@ def slice_layer(tree: Tree | None, i: int) -> Tree | None:
     return None if tree is None else jax.tree.map(lambda a: a[i], tree)
 
 
-def layer_dims(layer_params: Tree) -> dict[str, int]:
+def take(stack: jax.Array, i) -> jax.Array:
+    """``stack[i]`` inside a jitted function; gathered (replicated) when a mesh is current.
+
+    Why inside: a slice taken outside a program is a copy of the layer (832 MB
+    for a Llama-3.1-8B layer in fp32); inside, XLA reads it where it is used
+    (a one-layer stack: not copied at all).
+    """
+    x = lax.dynamic_index_in_dim(stack, i, 0, keepdims=False)
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return lax.with_sharding_constraint(x, PartitionSpec())
+
+
+def take_layer(layers: Tree, i) -> Tree:
+    """Layer `i` of the stacked ``params["layers"]`` inside a jitted function (see `take`)."""
+    return jax.tree.map(lambda a: take(a, i), layers)
+
+
+def stacked_linear(layers: Tree, name: str) -> jax.Array:
+    """The stacked ``[num_layers, in, out]`` kernel of a linear."""
+    return get_linear(layers, name)
+
+
+def layer_dims(layer_params: Tree, stacked: bool = False) -> dict[str, int]:
     """Width of every site, read off the layer's kernels (so pruned shapes work too)."""
-    kernel = lambda name: layer_params[LINEARS[name][0]][name]["kernel"]
-    D, F = kernel("q").shape[0], kernel("down").shape[0]
-    return {"layer_in": D, "attn_in": D, "attn_out": kernel("o").shape[0], "mlp_in": D,
-            "mlp_hidden": F, "layer_out": kernel("o").shape[1]}
+    kernel = lambda name: layer_params[LINEARS[name][0]][name]["kernel"].shape[int(stacked):]
+    D, F = kernel("q")[0], kernel("down")[0]
+    return {"layer_in": D, "attn_in": D, "attn_out": kernel("o")[0], "mlp_in": D,
+            "mlp_hidden": F, "layer_out": kernel("o")[1]}
 
 
 def sites_of(linears: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(SITE_OF[name] for name in linears))
+
+
+def check_reference_groups(groups: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
+    """Groups for ``order="reference"``: every linear once, no group reading a site after an earlier group's linear.
+
+    A linear changes only the activations after its own input site, so with
+    groups pruned last site first each group's statistics are the dense layer's.
+    """
+    groups = tuple(tuple(g) for g in groups)
+    names = [name for g in groups for name in g]
+    if sorted(names) != sorted(ALL_LINEARS):
+        raise MaxpruneError(f"reference groups {groups} must name each of {ALL_LINEARS} once")
+    position = {site: k for k, site in enumerate(SITES)}
+    for k, group in enumerate(groups):
+        earliest_pruned = min((position[SITE_OF[n]] for g in groups[:k] for n in g), default=len(SITES))
+        if any(position[SITE_OF[n]] > earliest_pruned for n in group):
+            raise MaxpruneError(f"reference group {group} reads a site after a linear pruned before it")
+    return groups
 
 
 def run_layer(layer_params: Tree, x_BLD: jax.Array, arch: Arch, options: llama.ModelOptions,
@@ -291,34 +349,49 @@ class _Passes:
         mo = llama.ModelOptions(dtype=dtype)
         self.accumulator = accumulator
 
-        def update(layer, stats, x_BLD, sites):
-            _, acts = run_layer(layer, x_BLD, arch, mo)
+        def update(layers, i, stats, x_BLD, sites):
+            _, acts = run_layer(take_layer(layers, i), x_BLD, arch, mo)
             return accumulator.update(stats, {s: acts[s] for s in sites})
 
         def update_forward(layer, stats, x_BLD, sites):
             y, acts = run_layer(layer, x_BLD, arch, mo)
             return accumulator.update(stats, {s: acts[s] for s in sites}), y
 
-        def forward(layer, x_BLD):
-            return llama.apply_layer(layer, x_BLD, arch, options=mo)
+        def forward(layers, i, x_BLD):
+            return llama.apply_layer(take_layer(layers, i), x_BLD, arch, options=mo)
 
-        def forward_errors(dense, pruned, x_BLD):
-            """Pruned layer output, and per linear Σ‖X(W−Ŵ)‖² and Σ‖XW‖² on the dense layer's inputs."""
+        def group_errors(layers, i, x_BLD, kernels, keeps, linears):
+            """Per linear of a group, before it is written: Σ‖X(W−Ŵ)‖² and Σ‖XW‖² (X, W: the layer as it is)."""
+            layer = take_layer(layers, i)
+            _, acts = run_layer(layer, x_BLD, arch, mo)
+            errors = {}
+            for name in linears:
+                w = get_linear(layer, name)
+                w_hat = kernels[name].astype(w.dtype) if name in kernels else w
+                if name in keeps:
+                    w_hat = jnp.where(keeps[name], w_hat, jnp.zeros((), w.dtype))
+                errors[name] = _squared_errors(acts[SITE_OF[name]], w, w_hat)
+            return errors
+
+        def dense_errors(dense, layers, i, x_BLD):
+            """Per linear: Σ‖X(W−Ŵ)‖² and Σ‖XW‖² on the inputs of a dense copy of the layer."""
             _, acts = run_layer(dense, x_BLD, arch, mo)
-            errors = {name: _squared_errors(acts[SITE_OF[name]], get_linear(dense, name), get_linear(pruned, name))
-                      for name in ALL_LINEARS}
-            return forward(pruned, x_BLD), errors
+            pruned = take_layer(layers, i)
+            return {name: _squared_errors(acts[SITE_OF[name]], get_linear(dense, name), get_linear(pruned, name))
+                    for name in ALL_LINEARS}
 
-        self.update = jax.jit(update, static_argnums=3, donate_argnums=1)
+        self.update = jax.jit(update, static_argnums=4, donate_argnums=2)
         self.update_forward = jax.jit(update_forward, static_argnums=3, donate_argnums=1)
         self.forward = jax.jit(forward)
-        self.forward_errors = jax.jit(forward_errors)
+        self.group_errors = jax.jit(group_errors, static_argnums=5)
+        self.dense_errors = jax.jit(dense_errors)
 
-    def stats(self, layer, chunks, sites, n_sequences, mesh) -> Any:
-        dims = {s: d for s, d in layer_dims(layer).items() if s in sites}
+    def stats(self, layers, i, chunks, sites, n_sequences, mesh) -> Any:
+        """Finalized statistics of layer `i` (read from the stack as it is now) at `sites`."""
+        dims = {s: d for s, d in layer_dims(layers, stacked=True).items() if s in sites}
         stats = _replicate(self.accumulator.init(dims), mesh)
         for x in chunks:
-            stats = self.update(layer, stats, x, tuple(sites))
+            stats = self.update(layers, i, stats, x, tuple(sites))
         return self.accumulator.finalize(stats, n_sequences)
 
 
@@ -399,22 +472,48 @@ def prune_layerwise(params: Tree, arch: Arch, calibration_NL, pruner: LayerPrune
     mesh = mesh_of(params)
     passes = _passes(arch, options, pruner.accumulator)
     writer = _StackWriter(params, options.donate)
-    groups = SEQUENTIAL_GROUPS if options.order == "sequential" else (ALL_LINEARS,)
+    sequential = options.order == "sequential"
+    groups = SEQUENTIAL_GROUPS if sequential else check_reference_groups(
+        getattr(pruner, "reference_groups", (ALL_LINEARS,)))
     layers_report = []
     start = time.perf_counter()
     with _mesh_scope(mesh):
         chunks = None if calibration_NL is None else embed_calibration(params, arch, calibration_NL, options, mesh)
         n = 0 if chunks is None else sum(x.shape[0] for x in chunks)
+        errors_wanted = options.reconstruction and chunks is not None
         bar = _layer_bar(arch, options, options.desc)
         for i in bar:
             t0 = time.perf_counter()
-            dense = _layer_with_masks({"layers": writer.layers}, masks, i, mesh)  # not yet written: original
-            pruned, layer_masks, linears_report = _prune_one_layer(dense, chunks, n, pruner, passes, groups, mesh)
-            errors = _advance(passes, dense, pruned, chunks, options.reconstruction)
-            writer.write(i, pruned, layer_masks)
+            if masks:
+                writer.bake(i, masks["layers"])
+            # sequential: later groups see earlier ones pruned, but errors are measured on the dense layer's inputs
+            dense = _layer_with_masks({"layers": writer.layers}, None, i, mesh) if errors_wanted and sequential else None
+            kept, linears_report, sums = {}, {}, {}
+            for linears in groups:
+                stats = None
+                if pruner.accumulator is not None:
+                    sites = tuple(s for s in sites_of(linears) if s in pruner.accumulator.sites)
+                    stats = passes.stats(writer.layers, i, chunks, sites, n, mesh)
+                kernels, keeps, group_report = pruner.prune_layer(writer.layers, i, stats, linears)
+                del stats
+                if errors_wanted and dense is None and (kernels or keeps):
+                    _add_errors(sums, (passes.group_errors(writer.layers, i, x, kernels, keeps, tuple(linears))
+                                       for x in chunks))
+                if keeps:
+                    kept.update(_count_kept(dict(keeps)))
+                linears_report.update(group_report)
+                writer.write(i, kernels, keeps)
+                del kernels, keeps
+            if dense is not None:
+                _add_errors(sums, (passes.dense_errors(dense, writer.layers, i, x) for x in chunks))
+                del dense
+            if chunks is not None:
+                for j, x in enumerate(chunks):
+                    chunks[j] = passes.forward(writer.layers, i, x)
             jax.block_until_ready((chunks, writer.layers, writer.masks))  # honest per-layer time
             seconds = time.perf_counter() - t0
-            layers_report.append(_layer_report(i, seconds, layer_masks, linears_report, errors))
+            errors = {name: _relative(*sums.get(name, (0.0, 0.0))) for name in ALL_LINEARS} if errors_wanted else None
+            layers_report.append(_layer_report(i, seconds, writer, kept, linears_report, errors))
             bar.set_postfix(seconds=f"{seconds:.1f}")
     new_params, new_masks = writer.result()
     report = {"order": options.order, "dtype": options.dtype, "batch_size": options.batch_size,
@@ -424,70 +523,40 @@ def prune_layerwise(params: Tree, arch: Arch, calibration_NL, pruner: LayerPrune
     return PruneResult(new_params, arch, new_masks, report)
 
 
-def _prune_one_layer(dense, chunks, n, pruner, passes, groups, mesh):
-    """Statistics and decision for each linear group of one layer; masked weights zeroed."""
-    layer, layer_masks, report = dense, {}, {}
-    for linears in groups:
-        stats = None
-        if pruner.accumulator is not None:
-            sites = tuple(s for s in sites_of(linears) if s in pruner.accumulator.sites)
-            stats = passes.stats(layer, chunks, sites, n, mesh)
-        before = layer
-        layer, group_masks, group_report = pruner.prune_layer(layer, stats, linears)
-        del stats
-        layer = set_linears(layer, _zero_masked(before, layer, group_masks))
-        layer_masks.update(group_masks)
-        report.update(group_report)
-    return layer, layer_masks, report
+def _add_errors(sums: dict, per_chunk) -> None:
+    """Add each chunk's ``{linear: (Σ‖X(W−Ŵ)‖², Σ‖XW‖²)}`` to `sums` (on the host)."""
+    for errors in per_chunk:
+        for name, (err, ref) in jax.device_get(errors).items():
+            sums[name] = sums.get(name, np.zeros(2)) + (err, ref)
 
 
-def _zero_masked(before: Tree, after: Tree, keeps: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """The pruned kernels of `after` with masked weights exactly zero.
-
-    Kernels the pruner made anew (SparseGPT's updated weights) are zeroed in
-    place (donated); kernels it passed through (Wanda, magnitude) are still the
-    dense layer's and are copied.
-    """
-    fresh = {n for n in keeps if get_linear(after, n) is not get_linear(before, n)}
-    split = lambda names: ({n: get_linear(after, n) for n in names}, {n: keeps[n] for n in names})
-    return {**_zero_donated(*split(fresh)), **_zero_copied(*split(set(keeps) - fresh))}
-
-
-def _zero(kernels, keeps):
-    return {name: jnp.where(keeps[name], k, jnp.zeros((), k.dtype)) for name, k in kernels.items()}
-
-
-_zero_donated = jax.jit(_zero, donate_argnums=0)
-_zero_copied = jax.jit(_zero)
+def _relative(err, ref) -> float:
+    return float(np.sqrt(err / ref)) if ref > 0 else 0.0
 
 
 @jax.jit
-def _pruned_fraction(keeps):
-    return {name: 1.0 - jnp.mean(keep) for name, keep in keeps.items()}
+def _count_kept(keeps):
+    """Kept entries of each mask, counted one block of rows at a time.
+
+    XLA:CPU widens a whole bool array before a plain sum (4x its size: 832 MB
+    for a Llama-3.1-8B layer's masks); blocks of rows keep that small.
+    """
+    def count(keep):
+        rows = keep.shape[0]
+        b = max(1, min(rows, (1 << 20) // max(keep.shape[1], 1)))
+        nb, tail = divmod(rows, b)
+        body = lambda j, acc: acc + jnp.sum(lax.dynamic_slice_in_dim(keep, j * b, b, axis=0), dtype=jnp.int32)
+        total = lax.fori_loop(0, nb, body, jnp.int32(0))
+        return total + jnp.sum(keep[nb * b:], dtype=jnp.int32) if tail else total
+    return {name: count(keep) for name, keep in keeps.items()}
 
 
-def _advance(passes: _Passes, dense, pruned, chunks, reconstruction: bool) -> dict[str, float] | None:
-    """Replace each chunk by the pruned layer's output; relative errors per linear if asked."""
-    if chunks is None:
-        return None
-    if not reconstruction:
-        for j, x in enumerate(chunks):
-            chunks[j] = passes.forward(pruned, x)
-        return None
-    sums = {name: np.zeros(2) for name in ALL_LINEARS}
-    for j, x in enumerate(chunks):
-        chunks[j], errors = passes.forward_errors(dense, pruned, x)
-        for name, (err, ref) in jax.device_get(errors).items():
-            sums[name] += (err, ref)
-    return {name: float(np.sqrt(err / ref)) if ref > 0 else 0.0 for name, (err, ref) in sums.items()}
-
-
-def _layer_report(i, seconds, layer_masks, linears_report, errors) -> dict:
-    linears, sparsity = {}, jax.device_get(_pruned_fraction(dict(layer_masks)))
+def _layer_report(i, seconds, writer, kept, linears_report, errors) -> dict:
+    linears, kept = {}, jax.device_get(kept)
     for name in ALL_LINEARS:
         row = dict(linears_report.get(name, {}))
-        if name in layer_masks:
-            row["sparsity"] = float(sparsity[name])
+        if name in kept:
+            row["sparsity"] = float(1.0 - int(kept[name]) / math.prod(writer.masks[name].shape[1:]))
         if errors is not None:
             row["rel_error"] = errors[name]
         linears[name] = row
@@ -495,42 +564,116 @@ def _layer_report(i, seconds, layer_masks, linears_report, errors) -> dict:
 
 
 class _StackWriter:
-    """Writes each pruned layer (params and masks) into the stacked arrays in place.
+    """Writes each pruned group (kernels and masks) into the stacked arrays in place.
 
-    The stacked arrays keep their shardings; updates are jitted with the stack
-    donated, so memory stays one model. Unless `donate`, the first write copies
-    (the caller's params stay valid).
+    The stacked arrays keep their shardings; updates are jitted with the stacks
+    donated, so memory stays one model (and one set of masks, made on a
+    linear's first write). Unless `donate`, a kernel's first write copies its
+    stack (the caller's params stay valid).
     """
 
     def __init__(self, params: Tree, donate: bool):
         self.params = params
         self.layers = jax.tree.map(jnp.asarray, params["layers"])
-        self.masks = _all_true({name: get_linear(self.layers, name) for name in ALL_LINEARS})
-        self.copied = donate
-        self.masked: set[str] = set()
+        self.masks: dict[str, jax.Array] = {}
+        self.owned: set[str] = set(ALL_LINEARS) if donate else set()
 
-    def write(self, i: int, layer: Tree, layer_masks: Mapping[str, jax.Array]) -> None:
-        layer = jax.tree.map(lambda new, old: new.astype(old.dtype), layer, self.layers)
-        setter = _set_donated if self.copied else _set_copy
-        self.layers = setter(self.layers, layer, i)
-        self.copied = True
-        if layer_masks:
-            updated = _set_donated({n: self.masks[n] for n in layer_masks}, dict(layer_masks), i)
-            self.masks.update(updated)
-            self.masked.update(layer_masks)
+    def _stacks(self, names) -> tuple[dict, dict]:
+        """(stacks we may donate, the caller's stacks to copy) of `names`."""
+        stacks = {name: get_linear(self.layers, name) for name in names}
+        return ({n: a for n, a in stacks.items() if n in self.owned},
+                {n: a for n, a in stacks.items() if n not in self.owned})
+
+    def _set(self, name: str, stack: jax.Array) -> None:
+        block, _ = LINEARS[name]
+        self.layers = {**self.layers, block: {**self.layers[block], name: {**self.layers[block][name], "kernel": stack}}}
+        self.owned.add(name)
+
+    def write(self, i: int, kernels: Mapping[str, jax.Array], keeps: Mapping[str, jax.Array]) -> None:
+        """Layer i of each named kernel := (its new kernel, or itself) with masked weights zeroed; masks := keeps."""
+        names = tuple(n for n in ALL_LINEARS if n in kernels or n in keeps)
+        if not names:
+            return
+        for name in keeps:
+            if name not in self.masks:
+                self.masks.update(_all_true({name: get_linear(self.layers, name)}))
+        owned, theirs = self._stacks(names)
+        new = {n: kernels[n] for n in names if n in kernels}
+        masks = {n: self.masks[n] for n in keeps}
+        out, out_masks = _write_donated(owned, masks, i, new, dict(keeps))
+        if theirs:
+            copies, _ = _write_copy(theirs, {}, i, new, dict(keeps))
+            out.update(copies)
+        for name, stack in out.items():
+            self._set(name, stack)
+        self.masks.update(out_masks)
+
+    def bake(self, i: int, parent: Tree) -> None:
+        """Zero layer i's weights under a parent's masks (in place)."""
+        keeps = {name: get_linear(parent, name) for name in ALL_LINEARS
+                 if LINEARS[name][0] in parent and name in parent[LINEARS[name][0]]}
+        if not keeps:
+            return
+        owned, theirs = self._stacks(keeps)
+        out = _bake_donated(owned, {n: keeps[n] for n in owned}, i)
+        if theirs:
+            out.update(_bake_copy(theirs, {n: keeps[n] for n in theirs}, i))
+        for name, stack in out.items():
+            self._set(name, stack)
 
     def result(self) -> tuple[Tree, Tree | None]:
         params = {**self.params, "layers": self.layers}
-        masks = masks_lib.from_kernels({LINEARS[n]: self.masks[n] for n in ALL_LINEARS if n in self.masked})
-        return params, (masks if self.masked else None)
+        masks = masks_lib.from_kernels({LINEARS[n]: self.masks[n] for n in ALL_LINEARS if n in self.masks})
+        return params, (masks if self.masks else None)
 
 
-def _set_layer(stack, layer, i):
-    return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, i, 0), stack, layer)
+def _write(stacks, masks, i, kernels, keeps):
+    """Stacked kernels with layer i replaced (new kernel or the old one, masked weights zero); masks[i] := keeps."""
+    out = {}
+    for name, stack in stacks.items():
+        if name in kernels:
+            w = kernels[name].astype(stack.dtype)
+            if name in keeps:
+                w = jnp.where(keeps[name], w, jnp.zeros((), stack.dtype))
+            out[name] = lax.dynamic_update_index_in_dim(stack, w, i, 0)
+        elif name in keeps:
+            out[name] = _zero_in_place(stack, keeps[name], i)
+        else:
+            out[name] = stack
+    return out, {name: lax.dynamic_update_index_in_dim(m, keeps[name], i, 0) for name, m in masks.items()}
 
 
-_set_donated = jax.jit(_set_layer, donate_argnums=0)
-_set_copy = jax.jit(_set_layer)
+def _zero_in_place(stack, keep, i, block_elements: int = 1 << 20):
+    """``stack[i] = where(keep, stack[i], 0)``, one block of rows at a time.
+
+    Why blocks: XLA materialises a whole-layer update read from the buffer it
+    updates (a copy of the kernel); a loop of row blocks updates it in place.
+    """
+    rows, cols = keep.shape
+    b = max(1, min(rows, block_elements // max(cols, 1)))
+    nb, tail = divmod(rows, b)
+    zero = jnp.zeros((), stack.dtype)
+
+    def block(r, stack, size=b):
+        start = (i, r * b, 0)
+        w = lax.dynamic_slice(stack, start, (1, size, cols))
+        k = lax.dynamic_slice(keep, (r * b, 0), (size, cols))
+        return lax.dynamic_update_slice(stack, jnp.where(k[None], w, zero), start)
+
+    stack = lax.fori_loop(0, nb, block, stack)
+    return block(nb, stack, tail) if tail else stack
+
+
+_write_donated = jax.jit(_write, donate_argnums=(0, 1))
+_write_copy = jax.jit(_write)
+
+
+def _bake(stacks, parent, i):
+    return _write(stacks, {}, i, {}, {n: lax.dynamic_index_in_dim(parent[n], i, 0, False) for n in stacks})[0]
+
+
+_bake_donated = jax.jit(_bake, donate_argnums=0)
+_bake_copy = jax.jit(_bake)
 
 
 def _all_true(kernels: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

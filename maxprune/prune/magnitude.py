@@ -33,15 +33,15 @@ class MagnitudePruner:
     def __init__(self, ratio: float, n_m: tuple[int, int] | None):
         self.ratio, self.n_m = ratio, n_m
 
-    def prune_layer(self, layer_params, stats, linears: Sequence[str]):
-        kernels = {name: engine.get_linear(layer_params, name) for name in linears}
-        return layer_params, _magnitude_layer(kernels, self.ratio, self.n_m), {}
+    def prune_layer(self, layers, i, stats, linears: Sequence[str]):
+        stacks = {name: engine.stacked_linear(layers, name) for name in linears}
+        return {}, _magnitude_layer(stacks, i, self.ratio, self.n_m), {}
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _magnitude_layer(kernels, ratio, n_m):
-    """All of a layer's keep-masks in one program."""
-    return {name: magnitude_keep(w, ratio, n_m) for name, w in kernels.items()}
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _magnitude_layer(stacks, i, ratio, n_m):
+    """All of layer i's keep-masks in one program (kernels read from their stacks in place)."""
+    return {name: magnitude_keep(engine.take(w, i), ratio, n_m) for name, w in stacks.items()}
 
 
 def check(arch, cfg) -> None:

@@ -39,6 +39,33 @@ def prune_lowest_per_output(score_IO: jax.Array, k: int) -> jax.Array:
     return ~(below | (at & (jnp.cumsum(at, axis=0) <= room_O)))
 
 
+def by_output_blocks(fn, x_IO: jax.Array, max_elements: int = 1 << 18) -> jax.Array:
+    """``fn(x_IO)`` for a per-output rule `fn` ([in, c] -> [in, c]), computed on blocks of outputs.
+
+    Why: the rules' temporaries (scores, bit patterns, counts) are a few times
+    the kernel's size when made for the whole kernel at once (2 GB for a
+    Llama-3.1-8B layer's seven); one block of ~`max_elements` entries at a time
+    keeps them small (MBs) and in cache. Each output's column is computed
+    exactly as alone, so the result is identical.
+    """
+    I, O = x_IO.shape
+    c = max(1, min(O, 1 << max(0, (max_elements // max(I, 1)).bit_length() - 1)))  # a power of two
+    if c >= O:
+        return fn(x_IO)
+    nb, tail = divmod(O, c)
+    first = fn(lax.slice_in_dim(x_IO, 0, c, axis=1))
+    out_IO = jnp.zeros((I, O), first.dtype).at[:, :c].set(first)
+
+    def block(b, out_IO):
+        x_Ic = lax.dynamic_slice_in_dim(x_IO, b * c, c, axis=1)
+        return lax.dynamic_update_slice_in_dim(out_IO, fn(x_Ic), b * c, axis=1)
+
+    out_IO = lax.fori_loop(1, nb, block, out_IO)
+    if tail:
+        out_IO = out_IO.at[:, nb * c:].set(fn(lax.slice_in_dim(x_IO, nb * c, O, axis=1)))
+    return out_IO
+
+
 def prune_at_or_below_kth(score: jax.Array, k) -> jax.Array:
     """Keep-mask pruning every score (>= 0) <= the k-th smallest (0-based) of the whole array."""
     return score > kth_smallest(score.ravel(), k, axis=0)

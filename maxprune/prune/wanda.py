@@ -42,11 +42,15 @@ class SquaredNorms:
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def wanda_keep(w_IO: jax.Array, s_I: jax.Array, ratio: float, n_m: tuple[int, int] | None) -> jax.Array:
-    """Keep-mask of one kernel from its input channels' mean squared norms."""
-    score_IO = jnp.abs(w_IO.astype(jnp.float32)) * jnp.sqrt(s_I)[:, None]
-    if n_m is not None:
-        return nm_lib.prune_n_of_m(score_IO, *n_m)
-    return nm_lib.prune_lowest_per_output(score_IO, int(w_IO.shape[0] * ratio))
+    """Keep-mask of one kernel from its input channels' mean squared norms (one block of outputs at a time)."""
+    sqrt_s_I1 = jnp.sqrt(s_I)[:, None]
+    k = int(w_IO.shape[0] * ratio)
+
+    def keep(w_Ic):
+        score_Ic = jnp.abs(w_Ic.astype(jnp.float32)) * sqrt_s_I1
+        return nm_lib.prune_n_of_m(score_Ic, *n_m) if n_m is not None else nm_lib.prune_lowest_per_output(score_Ic, k)
+
+    return nm_lib.by_output_blocks(keep, w_IO)
 
 
 class WandaPruner:
@@ -54,16 +58,16 @@ class WandaPruner:
         self.ratio, self.n_m = ratio, n_m
         self.accumulator = SquaredNorms()
 
-    def prune_layer(self, layer_params, stats, linears: Sequence[str]):
-        kernels = {name: engine.get_linear(layer_params, name) for name in linears}
+    def prune_layer(self, layers, i, stats, linears: Sequence[str]):
+        stacks = {name: engine.stacked_linear(layers, name) for name in linears}
         norms = {name: stats[engine.SITE_OF[name]] for name in linears}
-        return layer_params, _wanda_layer(kernels, norms, self.ratio, self.n_m), {}
+        return {}, _wanda_layer(stacks, i, norms, self.ratio, self.n_m), {}
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _wanda_layer(kernels, norms, ratio, n_m):
-    """All of a layer's keep-masks in one program."""
-    return {name: wanda_keep(w, norms[name], ratio, n_m) for name, w in kernels.items()}
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _wanda_layer(stacks, i, norms, ratio, n_m):
+    """All of layer i's keep-masks in one program (kernels read from their stacks in place)."""
+    return {name: wanda_keep(engine.take(w, i), norms[name], ratio, n_m) for name, w in stacks.items()}
 
 
 def check(arch, cfg) -> None:
