@@ -1,7 +1,8 @@
 """Evaluation throughput: maxprune (JAX, jit, bucketed) vs transformers + lm-eval's hf backend (torch).
 
 Both sides run the same weights (exported with `maxprune.convert.hf.to_hf`) on
-this machine, in fp32:
+this machine, in the same dtype (`--dtype`, fp32 by default; bf16 runs both in
+bf16: torch's bf16 kernels vs XLA's bf16 x bf16 -> fp32 matmuls):
 
 - perplexity tokens/s: the same windows of the builtin corpus's held-out
   Wikipedia split, scored by `maxprune.eval.perplexity` vs a batched torch loop
@@ -18,6 +19,7 @@ The numbers of both sides are compared first (perplexity, every loglikelihood).
 Prints a side-by-side table and writes benchmarks/results/eval.json.
 
     python benchmarks/eval.py            # 32 M-param Llama, 16 x 512-token windows, 100 ARC-Easy docs
+    python benchmarks/eval.py --dtype bfloat16   # both sides in bf16 -> results/eval_bfloat16.json
     python benchmarks/eval.py --quick    # tiny shapes, seconds
 """
 
@@ -42,6 +44,7 @@ from maxprune.eval import tasks as tasks_lib
 from maxprune.eval.lm_eval_adapter import MaxpruneLM
 from maxprune.eval.loading import load_for_eval
 from maxprune.model.arch import Arch
+from maxprune.model.llama import ModelOptions
 from maxprune.model.model_dir import save_model_dir
 
 from common import machine, random_params
@@ -63,9 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--docs", type=int, default=100, help="ARC-Easy documents (4 requests each)")
     p.add_argument("--batch", type=int, default=32, help="lm-eval batch size, both backends")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per side; the fastest counts")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="both sides")
     p.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None, help=f"default {RESULTS} (with _bfloat16 for bf16)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS if args.dtype == "float32" else RESULTS.with_name(f"eval_{args.dtype}.json")
     if args.quick:
         vars(args).update(QUICK)
     return args
@@ -94,7 +100,7 @@ def torch_perplexity(model, windows_NL: np.ndarray, batch: int) -> float:
     with torch.no_grad():
         for start in range(0, len(windows_NL), batch):
             tokens = torch.as_tensor(windows_NL[start:start + batch], dtype=torch.long)
-            logits = model(tokens).logits[:, :-1]
+            logits = model(tokens).logits[:, :-1].float()
             total += float(torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum"))
             count += tokens[:, 1:].numel()
@@ -164,17 +170,17 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         save_model_dir(tmp / "md", arch, random_params(arch), tokenizer_dir=corpus.tokenizer_dir)
         hf_dir = hf.to_hf(tmp / "md", tmp / "hf", dtype="float32")
-        ours = load_for_eval(tmp / "md")
-        hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        ours = load_for_eval(tmp / "md", options=ModelOptions(dtype=args.dtype))
+        hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, args.dtype)).eval()
         ppl = bench_perplexity(ours, hf_model, args)
         from lm_eval.api.registry import get_model
-        hf_lm = get_model("hf")(pretrained=str(hf_dir), dtype="float32", add_bos_token=True,
+        hf_lm = get_model("hf")(pretrained=str(hf_dir), dtype=args.dtype, add_bos_token=True,
                                 batch_size=args.batch, device="cpu")
         ours_lm = MaxpruneLM(model=ours, batch_size=args.batch)
         requests = arc_easy_requests(args.docs, tmp / "tasks")
         reqs = bench_requests(ours_lm, hf_lm, requests, args.repeats)
 
-    print(f"eval throughput, {arch.num_params() / 1e6:.1f} M params, fp32, {machine()['cpu_count']} CPUs")
+    print(f"eval throughput, {arch.num_params() / 1e6:.1f} M params, {args.dtype}, {machine()['cpu_count']} CPUs")
     print(f"perplexity: {ppl['windows']} x {ppl['seq_len']} tokens, ppl {ppl['ppl_maxprune']:.4f} vs torch "
           f"{ppl['ppl_torch']:.4f} (rel diff {ppl['ppl_rel_diff']:.1e})")
     print(f"lm-eval: {reqs['requests']} ARC-Easy loglikelihood requests, max |d ll| "

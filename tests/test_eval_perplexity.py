@@ -143,3 +143,47 @@ def test_scoring_only_a_tail_equals_the_tail_of_full_scoring():
         assert len(lp_t) == n
         np.testing.assert_allclose(lp_t, lp[-n:], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(gr_t, gr[-n:])
+
+
+@pytest.mark.parametrize("pack_length, batch_size", [(64, 4), (16, 2)])  # few rows; a row per tree
+def test_packed_scoring_equals_scoring_each_sequence_alone(pack_length, batch_size):
+    """Questions with shared contexts and 1..9-token answers, some too many to fit one row
+    (trees split), a context longer than `pack_length`, and several calls."""
+    from hf_helpers import random_params
+    from eval_helpers import tiny_arch
+
+    from maxprune import sharding
+    from maxprune.eval.scoring import Scorer
+    from maxprune.model import llama
+
+    arch = tiny_arch()
+    mesh = sharding.make_mesh(None, devices=jax.devices()[:1])
+    scorer = Scorer(arch, random_params(arch, 3), None, mesh, llama.ModelOptions(dtype="float32"),
+                    batch_size=batch_size, buckets=(16, 32, 64))
+    rng = np.random.default_rng(1)
+    seqs, tails = [], []
+    for question in range(12):
+        context = rng.integers(0, 300, int(rng.integers(1, 40))).astype(np.int32)
+        for _ in range(int(rng.integers(1, 6))):
+            answer = rng.integers(0, 300, int(rng.integers(1, 10))).astype(np.int32)
+            seqs.append(np.concatenate([context, answer]))
+            tails.append(len(answer))
+    seqs.append(rng.integers(0, 300, 60).astype(np.int32))  # longer than pack_length=16
+    tails.append(20)
+    inputs, targets = [s[:-1] for s in seqs], [s[1:] for s in seqs]
+    packed = scorer.score_packed(inputs, targets, tails, pack_length=pack_length)
+    for x, y, t, (lp, greedy) in zip(inputs, targets, tails, packed):
+        (lp_alone, greedy_alone), = scorer.score_batch([x], [y])
+        assert lp.shape == greedy.shape == (t,)
+        np.testing.assert_allclose(lp, lp_alone[-t:], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(greedy, greedy_alone[-t:])
+
+
+def test_packing_fills_rows_without_overflow():
+    from maxprune.eval.scoring import _pack
+    rng = np.random.default_rng(2)
+    lengths = [int(n) for n in rng.integers(1, 100, 500)]
+    rows = _pack(lengths, 128)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert all(sum(lengths[i] for i in row) <= 128 for row in rows)
+    assert len(rows) <= 1.1 * sum(lengths) / 128 + 1  # best fit: near the lower bound

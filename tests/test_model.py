@@ -7,7 +7,7 @@ import pytest
 
 from maxprune import sharding
 from maxprune.model import llama, masks as masks_lib
-from maxprune.model.arch import preset
+from maxprune.model.arch import Arch, preset
 from maxprune.model.layers import gqa_attention
 
 FP32 = llama.ModelOptions(dtype="float32")
@@ -204,3 +204,47 @@ def test_sharded_forward_equals_single_device(devices8, shape):
     per_device = q.addressable_shards[0].data.size
     assert per_device == q.size // (shape[1] * shape[2])
     assert q_mask.sharding.spec == q.sharding.spec
+
+
+@pytest.mark.parametrize("impl", ["einsum", "xla"])
+def test_packed_rows_attend_as_if_each_sequence_were_alone(impl):
+    """Segments: three sequences (one spanning the 64-row blocks) and padding in one row;
+    branches: a shared prefix then two continuations, each seeing the prefix and itself."""
+    from maxprune.model.layers import packed_visibility
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.normal(size=(1, 100, h, 8)).astype(np.float32) for h in (4, 2, 2))
+    segments = np.zeros((1, 100), np.int32)
+    segments[0, :5], segments[0, 5:75], segments[0, 75:84] = 1, 2, 3  # 84.. padding
+    branches = np.zeros((1, 100), np.int32)
+    segments[0, 84:97], branches[0, 90:94], branches[0, 94:97] = 4, 1, 2  # prefix 84..89
+    visible = packed_visibility(jnp.asarray(segments), jnp.asarray(branches))
+    out = np.asarray(gqa_attention(*(jnp.asarray(x) for x in (q, k, v)), impl, visible))
+    for span in (slice(0, 5), slice(5, 75), slice(75, 84)):
+        alone = _naive_attention(q[:, span], k[:, span], v[:, span])
+        np.testing.assert_allclose(out[:, span], alone, atol=2e-5)
+    for branch in (np.r_[84:90, 90:94], np.r_[84:90, 94:97]):
+        alone = _naive_attention(q[:, branch], k[:, branch], v[:, branch])
+        np.testing.assert_allclose(out[:, branch[6:]], alone[:, 6:], atol=2e-5)
+
+
+def test_packed_forward_gives_each_sequence_its_own_logits():
+    """Positions restart per segment, so RoPE and attention see each sequence alone."""
+    from hf_helpers import random_params
+    a = Arch(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+             ffn_size=48, max_position_embeddings=128)
+    p, opt = random_params(a, 5), llama.ModelOptions(dtype="float32")
+    rng = np.random.default_rng(4)
+    seqs = [rng.integers(0, 64, n).astype(np.int32) for n in (7, 80, 12)]
+    tokens, positions, segments = (np.zeros((1, 112), np.int32) for _ in range(3))
+    start = 0
+    for s, x in enumerate(seqs, start=1):
+        tokens[0, start:start + len(x)], positions[0, start:start + len(x)] = x, np.arange(len(x))
+        segments[0, start:start + len(x)] = s
+        start += len(x)
+    packed = np.asarray(llama.forward(p, jnp.asarray(tokens), a, None, opt, positions_BL=jnp.asarray(positions),
+                                      segments_BL=jnp.asarray(segments)))
+    start = 0
+    for x in seqs:
+        alone = np.asarray(llama.forward(p, jnp.asarray(x[None]), a, None, opt))
+        np.testing.assert_allclose(packed[:, start:start + len(x)], alone, atol=1e-4, rtol=1e-4)
+        start += len(x)

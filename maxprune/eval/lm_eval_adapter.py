@@ -29,18 +29,21 @@ What it computes is what lm-eval's ``hf`` backend computes, request for request:
   full forward per new token (no KV cache): correct, simple, and slow for long
   generations, which none of the paper's eight tasks use.
 
-Requests are sorted by length and padded to a few bucket lengths (powers of
-two from `min_bucket` up to `max_length`) with a fixed batch size, so the model
-compiles at most once per bucket and continuation bucket (`compile_count`).
-Only the continuation's positions go through the lm_head and the softmax:
-the context needs none, and at a 128-token request with a 5-token answer that
-is most of the head's work.
+Loglikelihood requests are packed: several go into one row of `pack_length`
+(256) tokens, or of the bucket of the longest request, each attending only to
+itself with positions from 0, so each scores exactly as it would alone while
+the model runs on few padding tokens (ARC-Easy's 40-token requests padded to
+32/64/128 had cost 2x the tokens). Only the continuation's positions go
+through the lm_head and the softmax: the context needs none, and at a
+128-token request with a 5-token answer that is most of the head's work.
+Shapes come from a few bucket lengths (powers of two from `min_bucket` up to
+`max_length`), power-of-two row counts and continuation buckets, so the model
+compiles a handful of times per task (`compile_count`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import lm_eval.models  # noqa: F401  registers lm-eval's own models first: lm-eval 0.4.13 loads them only
@@ -66,11 +69,13 @@ class MaxpruneLM(TemplateLM):
 
     def __init__(self, path: str | None = None, *, model: EvalModel | None = None, tokenizer: str | None = None,
                  batch_size: int | str = 32, batch_tokens: int | None = 32768, max_length: int | None = None,
-                 min_bucket: int = 32, add_bos_token: bool = True, dtype: str = "float32",
+                 min_bucket: int = 32, pack_length: int = 256, add_bos_token: bool = True,
+                 dtype: str = "float32",
                  mesh: str | None = None, max_gen_toks: int = 256, device=None, max_batch_size=None):
         """`batch_size` sequences per forward at most, fewer in long buckets so that rows x length stays
         near `batch_tokens`. `mesh` is "DATAxFSDPxTENSOR" (e.g. "1x-1x1"). `device` and
-        `max_batch_size` are lm-eval's generic arguments, accepted and ignored (JAX places the model)."""
+        `max_batch_size` are lm-eval's generic arguments, accepted and ignored (JAX places the model).
+        Loglikelihood requests are packed several to a row of at least `pack_length` tokens."""
         super().__init__()
         from maxprune.eval.scoring import bucket_lengths  # JAX loads with the model, not with lm-eval's registry
         if (path is None) == (model is None):
@@ -86,6 +91,7 @@ class MaxpruneLM(TemplateLM):
         self.add_bos_token = bool(add_bos_token)
         self._max_length = int(max_length or model.arch.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
+        self.pack_length = min(int(pack_length), self._max_length)
         size = 32 if str(batch_size).startswith("auto") else int(batch_size)
         self.scorer = model.scorer(size, bucket_lengths(self._max_length, int(min_bucket)),
                                    int(batch_tokens) if batch_tokens else None)
@@ -128,15 +134,14 @@ class MaxpruneLM(TemplateLM):
         seqs = [_Scored.of(ctx, cont, self.max_length) for _, ctx, cont in requests]
         results: list = [None] * len(seqs)
         bar = tqdm(total=len(seqs), desc="maxprune loglikelihood", disable=disable_tqdm, dynamic_ncols=True)
-        for batch in self._batches(seqs):
-            scored = self.scorer.score_batch([seqs[i].inputs for i in batch], [seqs[i].targets for i in batch],
-                                             tail=max(seqs[i].n_cont for i in batch))
-            for i, (logprob_T, greedy_T) in zip(batch, scored):
-                n = seqs[i].n_cont
-                results[i] = (float(np.sum(logprob_T[-n:], dtype=np.float64)), bool(greedy_T[-n:].all()))
+        for group in self._groups(seqs):
+            scored = self.scorer.score_packed([seqs[i].inputs for i in group], [seqs[i].targets for i in group],
+                                              [seqs[i].n_cont for i in group], self.pack_length)
+            for i, (logprob_T, greedy_T) in zip(group, scored):
+                results[i] = (float(np.sum(logprob_T, dtype=np.float64)), bool(greedy_T.all()))
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
-            bar.update(len(batch))
+            bar.update(len(group))
         bar.close()
         return results
 
@@ -174,13 +179,13 @@ class MaxpruneLM(TemplateLM):
         return texts
 
     # ------------------------------------------------------------ helpers
-    def _batches(self, seqs: list[_Scored]) -> list[list[int]]:
-        """Indices grouped by bucket (longest first), `rows` at a time: few pads, few shapes."""
-        by_bucket = defaultdict(list)
-        for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i].inputs)):
-            by_bucket[self.scorer.bucket(len(seqs[i].inputs))].append(i)
-        return [ids[s:s + self.scorer.rows_for(b)] for b, ids in sorted(by_bucket.items(), reverse=True)
-                for s in range(0, len(ids), self.scorer.rows_for(b))]
+    def _groups(self, seqs: list[_Scored]) -> list[list[int]]:
+        """Indices, longest first, in groups of ~2,000 packed and scored together (the progress bar
+        moves per group); sorting keeps one long request from widening the rows of many short ones,
+        and sorting by content too makes the packing (and so the shapes) independent of order."""
+        order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i].inputs), seqs[i].inputs.tobytes()))
+        step = 64 * self.scorer.rows_for(self.scorer.bucket(self.pack_length))
+        return [order[s:s + step] for s in range(0, len(order), step)]
 
     def _generation(self, context: str, gen_kwargs: dict, eos_text: str) -> _Generation:
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)

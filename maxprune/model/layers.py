@@ -135,8 +135,13 @@ def apply_rope(x_BLNH: jax.Array, cos_BLH: jax.Array, sin_BLH: jax.Array) -> jax
 MIN_BLOCK, MAX_BLOCKS = 64, 16  # the einsum path's block-causal loop: rows per block, blocks
 
 
-def gqa_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, impl: str) -> jax.Array:
+def gqa_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, impl: str,
+                  visible_BTS: jax.Array | None = None) -> jax.Array:
     """Causal grouped-query attention without repeating K/V; fp32 softmax.
+
+    `visible_BTS` (bool, queries and keys the same sequence) further limits
+    which keys each query sees, e.g. to its own sequence when several are
+    packed into one row (see `packed_visibility`).
 
     The einsum path is block-causal when queries and keys are the same
     sequence: each block of queries (64 rows, or T/16 for long sequences, so
@@ -146,26 +151,47 @@ def gqa_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, impl:
     """
     B, T, N, H = q_BTNH.shape
     K, S = k_BSKH.shape[2], k_BSKH.shape[1]
+    if visible_BTS is not None and T != S:
+        raise ValueError(f"a visibility mask needs queries and keys of one sequence; got {T} and {S}")
     if impl in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
-                                            implementation=impl)
+        if visible_BTS is None:
+            return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation=impl)
+        # cuDNN's fused kernel takes no arbitrary mask; packed scoring is rare enough for XLA's.
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=visible_BTS[:, None], is_causal=True,
+                                            implementation="xla")
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     block = max(MIN_BLOCK, -(-T // MAX_BLOCKS))
     if T != S or T <= block:
-        return _attend(q_BTKGH, k_BSKH, v_BSKH, 0).reshape(B, T, N, H)
-    blocks = [_attend(q_BTKGH[:, start:start + block], k_BSKH[:, :start + block],
-                      v_BSKH[:, :start + block], start)
+        return _attend(q_BTKGH, k_BSKH, v_BSKH, 0, visible_BTS).reshape(B, T, N, H)
+    blocks = [_attend(q_BTKGH[:, start:start + block], k_BSKH[:, :start + block], v_BSKH[:, :start + block],
+                      start, None if visible_BTS is None else visible_BTS[:, start:start + block, :start + block])
               for start in range(0, T, block)]
     return jnp.concatenate(blocks, axis=1).reshape(B, T, N, H)
 
 
-def _attend(q_BTKGH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, offset: int) -> jax.Array:
-    """Queries at positions offset.. attending causally to keys 0..S-1 (key s <= query position)."""
+def packed_visibility(segments_BL: jax.Array, branches_BL: jax.Array | None = None) -> jax.Array:
+    """``[B, L, L]``: may query t see key s (before causality)? Only within its segment
+    (one packed sequence; id 0 is padding, which sees only padding), and, with
+    `branches_BL`, only the segment's shared prefix (branch 0) and its own branch
+    (the continuations of one question after its shared context)."""
+    visible_BLL = segments_BL[:, :, None] == segments_BL[:, None, :]
+    if branches_BL is not None:
+        q_BL1, k_B1L = branches_BL[:, :, None], branches_BL[:, None, :]
+        visible_BLL &= (k_B1L == 0) | (k_B1L == q_BL1)
+    return visible_BLL
+
+
+def _attend(q_BTKGH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, offset: int,
+            visible_BTS: jax.Array | None = None) -> jax.Array:
+    """Queries at positions offset.. attending causally to keys 0..S-1 (key s <= query position),
+    and, given `visible_BTS`, only to the keys it allows."""
     T, S, H = q_BTKGH.shape[1], k_BSKH.shape[1], q_BTKGH.shape[-1]
     scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
                         preferred_element_type=jnp.float32) / math.sqrt(H)
-    causal_TS = jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None]
-    scores = jnp.where(causal_TS, scores, jnp.finfo(jnp.float32).min)
+    visible = jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None]  # [T, S]
+    if visible_BTS is not None:
+        visible = (visible & visible_BTS)[:, None, None]  # [B, 1, 1, T, S]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
     out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH, preferred_element_type=jnp.float32)
     return out_BTKGH.astype(v_BSKH.dtype)
@@ -178,7 +204,8 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, cos_BLH: jax.Array, sin_BLH: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, cos_BLH: jax.Array, sin_BLH: jax.Array,
+                 visible_BLL: jax.Array | None = None) -> jax.Array:
         a = self.arch
         dense = lambda n, f, bias=False: MaskedDense(f, bias, self.dtype, self.param_dtype, name=n)
         B, L, _ = x_BLD.shape
@@ -188,7 +215,7 @@ class Attention(nn.Module):
         q = constrain(apply_rope(q, cos_BLH, sin_BLH), ("act_batch", "act_len", "act_heads", None))
         k = constrain(apply_rope(k, cos_BLH, sin_BLH), ("act_batch", "act_len", "act_kv", None))
         v = constrain(v, ("act_batch", "act_len", "act_kv", None))
-        out = gqa_attention(q, k, v, self.impl).reshape(B, L, a.q_dim)
+        out = gqa_attention(q, k, v, self.impl, visible_BLL).reshape(B, L, a.q_dim)
         return dense("o", a.hidden_size, a.out_bias)(out)
 
 

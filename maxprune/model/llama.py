@@ -76,19 +76,21 @@ class ModelOptions:
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    Scan-shaped: ``(x, rope) -> (x, None)`` so `nn.scan` can stack it directly
-    and its params sit right under ``layers/``.
+    Scan-shaped: ``(x, (cos, sin, visible)) -> (x, None)`` so `nn.scan` can
+    stack it directly and its params sit right under ``layers/``. `visible` is
+    None, or the ``[B, L, L]`` key visibility of packed rows (see `forward`).
     """
 
     arch: Arch
     options: ModelOptions = ModelOptions()
 
     @nn.compact
-    def __call__(self, x_BLD, rope):
-        cos_BLH, sin_BLH = rope
+    def __call__(self, x_BLD, context):
+        cos_BLH, sin_BLH, visible_BLL = context
         a, dt = self.arch, self.options.compute_dtype
         h = layers.RMSNorm(a.norm_eps, dt, name="attn_norm")(x_BLD)
-        x_BLD = x_BLD + layers.Attention(a, self.options.attention, dt, name="attn")(h, cos_BLH, sin_BLH)
+        attn = layers.Attention(a, self.options.attention, dt, name="attn")
+        x_BLD = x_BLD + attn(h, cos_BLH, sin_BLH, visible_BLL)
         h = layers.RMSNorm(a.norm_eps, dt, name="mlp_norm")(x_BLD)
         x_BLD = x_BLD + layers.SwiGLU(a, dt, name="mlp")(h)
         return layers.constrain(x_BLD, ("act_batch", "act_len", "act_embed")), None
@@ -114,20 +116,21 @@ class Llama(nn.Module):
             self.lm_head = layers.MaskedDense(a.vocab_size, dtype=dt, out_dtype=jnp.float32,
                                               name="lm_head")
 
-    def hidden_states(self, tokens_BL, positions_BL=None):
+    def hidden_states(self, tokens_BL, positions_BL=None, segments_BL=None, branches_BL=None):
         """Final-norm hidden states ``[B, L, D]`` (before the lm_head)."""
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
         a = self.arch
         inv_freq = layers.rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling)
-        rope = layers.rope_cos_sin(positions_BL, inv_freq)
+        cos, sin = layers.rope_cos_sin(positions_BL, inv_freq)
         x_BLD = layers.constrain(self.embed(tokens_BL), ("act_batch", "act_len", "act_embed"))
-        x_BLD, _ = self.layers(x_BLD, rope)
+        visible_BLL = None if segments_BL is None else layers.packed_visibility(segments_BL, branches_BL)
+        x_BLD, _ = self.layers(x_BLD, (cos, sin, visible_BLL))
         return self.final_norm(x_BLD)
 
-    def __call__(self, tokens_BL, positions_BL=None, keep_BT=None):
+    def __call__(self, tokens_BL, positions_BL=None, keep_BT=None, segments_BL=None, branches_BL=None):
         """Logits ``[B, L, V]`` in fp32; only at positions `keep_BT` ``[B, T]`` when given."""
-        h_BLD = self.hidden_states(tokens_BL, positions_BL)
+        h_BLD = self.hidden_states(tokens_BL, positions_BL, segments_BL, branches_BL)
         if keep_BT is not None:  # e.g. scoring a continuation: no head work on the context
             h_BLD = jnp.take_along_axis(h_BLD, keep_BT[..., None], axis=1)
         if self.arch.tie_embeddings:
@@ -153,13 +156,22 @@ def abstract_params(arch: Arch) -> Params:
 
 def forward(params: Params, tokens_BL: jax.Array, arch: Arch, masks: Params | None = None,
             options: ModelOptions = ModelOptions(), positions_BL: jax.Array | None = None,
-            keep_BT: jax.Array | None = None) -> jax.Array:
+            keep_BT: jax.Array | None = None, segments_BL: jax.Array | None = None,
+            branches_BL: jax.Array | None = None) -> jax.Array:
     """Logits ``[B, L, V]`` (fp32) of `tokens_BL` under `params` (and `masks`); with `keep_BT`
-    ``[B, T]`` (positions per row), only the logits ``[B, T, V]`` at those positions."""
+    ``[B, T]`` (positions per row), only the logits ``[B, T, V]`` at those positions.
+
+    Packed rows: `segments_BL` gives each token a sequence id, attention stays
+    within a sequence, and `positions_BL` (restarting at 0 per sequence) places
+    RoPE, so each packed sequence gets the logits it would get alone.
+    `branches_BL` packs a tree: branch 0 of a segment is a shared prefix, and
+    each branch 1, 2, ... (its positions continuing the prefix's) sees the
+    prefix and itself, as if it alone followed the prefix.
+    """
     variables = {"params": params}
     if masks:
         variables["masks"] = masks
-    return Llama(arch, options).apply(variables, tokens_BL, positions_BL, keep_BT)
+    return Llama(arch, options).apply(variables, tokens_BL, positions_BL, keep_BT, segments_BL, branches_BL)
 
 
 def apply_layer(layer_params: Params, x_BLD: jax.Array, arch: Arch, positions_BL=None,
@@ -181,9 +193,9 @@ def apply_layer(layer_params: Params, x_BLD: jax.Array, arch: Arch, positions_BL
         variables["masks"] = layer_masks
     layer = DecoderLayer(arch, options)
     if capture:
-        (y, _), state = layer.apply(variables, x_BLD, (cos, sin), mutable=["intermediates"])
+        (y, _), state = layer.apply(variables, x_BLD, (cos, sin, None), mutable=["intermediates"])
         return y, _unfreeze(state["intermediates"])
-    return layer.apply(variables, x_BLD, (cos, sin))[0]
+    return layer.apply(variables, x_BLD, (cos, sin, None))[0]
 
 
 def next_token_loss(logits_BLV: jax.Array, tokens_BL: jax.Array, weights_BL: jax.Array | None = None):
