@@ -200,8 +200,9 @@ def test_shard_sizes_and_hashes_are_recorded_and_a_clean_dataset_verifies(datase
 
 def test_shards_written_before_an_interruption_are_hashed_on_resume(tiny_corpus, tmp_path, monkeypatch):
     from maxprune.data import prepare as prepare_lib
+    from maxprune.data import shards as shards_lib
 
-    real_write = prepare_lib._write_shard
+    real_write = shards_lib._write_shard
 
     def dies_on_third_shard(job):
         if job.first_sequence == 80:
@@ -210,10 +211,10 @@ def test_shards_written_before_an_interruption_are_hashed_on_resume(tiny_corpus,
 
     args = (f"txt:{tiny_corpus['root'] / 'validation'}/*.txt", tiny_corpus["tokenizer"], tmp_path / "ds", 32)
     kwargs = dict(workers=1, sequences_per_shard=40, progress=False)
-    monkeypatch.setattr(prepare_lib, "_write_shard", dies_on_third_shard)
+    monkeypatch.setattr(shards_lib, "_write_shard", dies_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         prepare_lib.prepare(*args, **kwargs)
-    monkeypatch.setattr(prepare_lib, "_write_shard", real_write)
+    monkeypatch.setattr(shards_lib, "_write_shard", real_write)
     manifest = prepare_lib.prepare(*args, **kwargs)
     assert len(manifest.shards) > 2 and all("sha256" in s for s in manifest.shards)
     assert open_prepared(tmp_path / "ds").verify() == len(manifest.shards)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from maxprune.cli import main
-from maxprune.data import prepare as prepare_lib
+from maxprune.data import packing
+from maxprune.data import shards as shards_lib
 from maxprune.data.prepare import open_prepared, prepare
 from maxprune.data.tokenizer import Tokenizer, train_bpe
 from maxprune.errors import MaxpruneError
@@ -101,14 +102,14 @@ def test_interrupted_prepare_is_incomplete_then_resumes(corpus, tok, tmp_path, m
     src, _ = corpus
     run(src, tmp_path / "clean", tok)
     out = tmp_path / "out"
-    real_tokenize, calls = prepare_lib._tokenize_file, []
+    real_tokenize, calls = packing._tokenize_file, []
 
     def dies_on_second_file(job):
         if job.index == 1:
             raise KeyboardInterrupt  # a kill mid-run
         return real_tokenize(job)
 
-    monkeypatch.setattr(prepare_lib, "_tokenize_file", dies_on_second_file)
+    monkeypatch.setattr(packing, "_tokenize_file", dies_on_second_file)
     with pytest.raises(KeyboardInterrupt):
         run(src, out, tok)
     staging = tmp_path / ".out.partial"
@@ -118,7 +119,7 @@ def test_interrupted_prepare_is_incomplete_then_resumes(corpus, tok, tmp_path, m
     with pytest.raises(MaxpruneError, match="incomplete prepared dataset"):
         open_prepared(staging)
 
-    monkeypatch.setattr(prepare_lib, "_tokenize_file", recording(real_tokenize, calls, attrgetter("index")))
+    monkeypatch.setattr(packing, "_tokenize_file", recording(real_tokenize, calls, attrgetter("index")))
     run(src, out, tok)
     assert calls == [1, 2]  # file 0 came from the cache
     assert shard_bytes(out) == shard_bytes(tmp_path / "clean") and not staging.exists()
@@ -126,7 +127,7 @@ def test_interrupted_prepare_is_incomplete_then_resumes(corpus, tok, tmp_path, m
 
 def test_interrupted_shard_writing_resumes_per_shard(corpus, tok, tmp_path, monkeypatch):
     src, _ = corpus
-    real_write, written = prepare_lib._write_shard, []
+    real_write, written = shards_lib._write_shard, []
 
     def dies_on_third_shard(job):
         if job.first_sequence == 14:
@@ -134,24 +135,24 @@ def test_interrupted_shard_writing_resumes_per_shard(corpus, tok, tmp_path, monk
         written.append(job.first_sequence)
         return real_write(job)
 
-    monkeypatch.setattr(prepare_lib, "_write_shard", dies_on_third_shard)
+    monkeypatch.setattr(shards_lib, "_write_shard", dies_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         run(src, tmp_path / "out", tok)
-    monkeypatch.setattr(prepare_lib, "_tokenize_file", lambda job: pytest.fail("re-tokenized"))
+    monkeypatch.setattr(packing, "_tokenize_file", lambda job: pytest.fail("re-tokenized"))
     record_write = recording(real_write, written, attrgetter("first_sequence"))
-    monkeypatch.setattr(prepare_lib, "_write_shard", record_write)
+    monkeypatch.setattr(shards_lib, "_write_shard", record_write)
     manifest = run(src, tmp_path / "out", tok)
     assert written == [0, 7] + [s["first_sequence"] for s in manifest.shards[2:]]
 
 
 def test_changed_arguments_discard_the_partial_output(corpus, tok, tmp_path, monkeypatch):
     src, docs = corpus
-    real_tokenize, real_write, calls = prepare_lib._tokenize_file, prepare_lib._write_shard, []
-    monkeypatch.setattr(prepare_lib, "_write_shard", lambda job: (_ for _ in ()).throw(KeyboardInterrupt))
+    real_tokenize, real_write, calls = packing._tokenize_file, shards_lib._write_shard, []
+    monkeypatch.setattr(shards_lib, "_write_shard", lambda job: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         run(src, tmp_path / "out", tok)
-    monkeypatch.setattr(prepare_lib, "_write_shard", real_write)
-    monkeypatch.setattr(prepare_lib, "_tokenize_file", recording(real_tokenize, calls, attrgetter("index")))
+    monkeypatch.setattr(shards_lib, "_write_shard", real_write)
+    monkeypatch.setattr(packing, "_tokenize_file", recording(real_tokenize, calls, attrgetter("index")))
     manifest = run(src, tmp_path / "out", tok, on_missing_field="skip")  # another argument: start afresh
     assert calls == [0, 1, 2]
     assert manifest.num_sequences == len(expected_stream(tok, docs)) // L

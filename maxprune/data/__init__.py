@@ -1,8 +1,9 @@
 """Data: text sources -> tokenizer -> fixed-length packed sequences -> disjoint token budgets.
 
 `sources` turns a spec string into documents, `tokenizer` into ids, `prepare`
-writes the packed stream once (ArrayRecord + manifest.json) and opens it for
-random access, `budgets` cuts that stream into named, checkably disjoint ranges.
+writes the packed stream once (ArrayRecord + manifest.json; its steps in
+`staging`, `packing`, `shards`, `pool`), `prepared` opens it for random access,
+`budgets` cuts that stream into named, checkably disjoint ranges.
 The `prepare` function stays in its module (`from maxprune.data.prepare import
 prepare`) so that `maxprune.data.prepare` always names the module.
 """
