@@ -11,7 +11,7 @@ from maxprune import config, sharding
 from maxprune.errors import MaxpruneError
 from maxprune.model import llama, masks as masks_lib, model_dir
 from maxprune.model.arch import preset
-from maxprune.prune import engine, run, wanda
+from maxprune.prune import engine, run, stack_writer, wanda
 
 ARCH = preset("tiny").replace(vocab_size=300)
 FP32 = llama.ModelOptions(dtype="float32")
@@ -162,10 +162,10 @@ def test_in_place_helpers_work_block_by_block():
     keep = jnp.asarray(rng.random((10, 7)) > 0.5)
     expected = stack.at[1].set(jnp.where(keep, stack[1], 0.0))
     for block_elements in (7 * 4, 7 * 5, 1 << 20):  # blocks of 4 rows and a tail of 2; of 5; all at once
-        np.testing.assert_array_equal(np.asarray(engine._zero_in_place(stack, keep, 1, block_elements)),
+        np.testing.assert_array_equal(np.asarray(stack_writer.zero_in_place(stack, keep, 1, block_elements)),
                                       np.asarray(expected))
     big = rng.random((1100, 1000)) > 0.3  # over a block of rows: a loop and a tail
-    assert int(engine._count_kept({"k": jnp.asarray(big)})["k"]) == int(big.sum())
+    assert int(stack_writer.count_kept({"k": jnp.asarray(big)})["k"]) == int(big.sum())
 
 
 def test_sharded_params_prune_alike_keep_their_shardings_and_survive_unless_donated(setup, devices8):

@@ -1,0 +1,71 @@
+"""How the engine's layer loop runs (not what it decides): `EngineOptions` and their defaults.
+
+`run_options` sets defaults for every `EngineOptions` built inside it (the
+caller says compute dtype, progress and donation once); `options_for` builds
+the options of one run from the ``prune`` config section, those defaults and
+explicit changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator
+
+from maxprune.errors import MaxpruneError
+from maxprune.model import llama
+
+ORDERS = ("reference", "sequential")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """How the layer loop runs (not what it decides)."""
+
+    batch_size: int = 8            # calibration sequences per jitted forward
+    order: str = "reference"       # see `ORDERS`
+    dtype: str = "float32"         # compute dtype of the layer passes and the stored activations
+    progress: bool = True          # tqdm bar over layers
+    donate: bool = False           # may reuse the caller's stacked params buffers (saves a copy)
+    reconstruction: bool = True    # measure per-linear relative reconstruction errors
+    desc: str = "prune"            # progress bar label
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise MaxpruneError(f"prune.batch_size={self.batch_size} must be >= 1")
+        if self.order not in ORDERS:
+            raise MaxpruneError(f"prune.order={self.order!r} is not valid; choose one of {', '.join(ORDERS)}")
+        llama.ModelOptions(dtype=self.dtype)  # validates the dtype
+
+    @property
+    def model_options(self) -> llama.ModelOptions:
+        return llama.ModelOptions(dtype=self.dtype)
+
+
+_DEFAULTS: contextvars.ContextVar[dict] = contextvars.ContextVar("maxprune_engine_defaults", default={})
+
+
+@contextlib.contextmanager
+def run_options(**defaults) -> Iterator[None]:
+    """Defaults for every `EngineOptions` built inside (e.g. by a registered pruner).
+
+    Why: the pruner signature is ``fn(params, arch, calibration_NL, cfg)``; the
+    caller (`maxprune.prune.run`) still needs to say how to run — compute dtype
+    from ``cfg.model.dtype``, progress on/off, donate the freshly loaded params —
+    without every method threading those through.
+    """
+    token = _DEFAULTS.set({**_DEFAULTS.get(), **defaults})
+    try:
+        yield
+    finally:
+        _DEFAULTS.reset(token)
+
+
+def options_for(prune_cfg=None, **changes) -> EngineOptions:
+    """EngineOptions from the `prune` config section (batch_size, order), `run_options` and `changes`."""
+    values = dict(_DEFAULTS.get())
+    if prune_cfg is not None:
+        values.update(batch_size=prune_cfg.batch_size, order=prune_cfg.order, desc=prune_cfg.method)
+    values.update(changes)
+    return EngineOptions(**values)
