@@ -43,14 +43,14 @@ def _model_section() -> dict[str, Any]:
     arch = _typed_placeholders(Arch, skip=("rope_scaling",))
     # enabled=False drops the preset's scaling; any set field overrides it (or the defaults).
     arch["rope_scaling"] = {"enabled": placeholder(bool), **_typed_placeholders(RopeScaling)}
-    return {"preset": "tiny", "arch": arch, "dtype": "bfloat16",
+    return {"preset": "tiny", "arch": arch, "dtype": "bfloat16", "matmul_dtype": "same",
             "remat": "none", "attention": "einsum", "scan_unroll": 1}
 
 
 def _check_model(cfg: ConfigDict) -> None:
     _check_choice("model.preset", cfg.model.preset, sorted(PRESETS))
     from maxprune.model.llama import ModelOptions
-    ModelOptions.from_config(cfg.model)  # dtype, remat and attention choices
+    ModelOptions.from_config(cfg.model)  # dtype, matmul_dtype, remat and attention choices
     arch_from_config(cfg)
 
 

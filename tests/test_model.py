@@ -248,3 +248,25 @@ def test_packed_forward_gives_each_sequence_its_own_logits():
         alone = np.asarray(llama.forward(p, jnp.asarray(x[None]), a, None, opt))
         np.testing.assert_allclose(packed[:, start:start + len(x)], alone, atol=1e-4, rtol=1e-4)
         start += len(x)
+
+
+def test_bf16_matmuls_under_fp32_activations_track_fp32():
+    """`matmul_dtype=bfloat16` rounds only the linears' operands: logits and gradients stay
+    within bf16 rounding of fp32's, and closer than all-bf16's logits."""
+    from hf_helpers import random_params
+    a = preset("tiny")
+    p = random_params(a, 6)
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, a.vocab_size, (2, 24)), jnp.int32)
+    runs = {name: llama.ModelOptions(**kw) for name, kw in
+            (("fp32", dict(dtype="float32")), ("mixed", dict(dtype="float32", matmul_dtype="bfloat16")),
+             ("bf16", dict(dtype="bfloat16")))}
+    logits = {n: np.asarray(llama.forward(p, tokens, a, None, o)) for n, o in runs.items()}
+    mixed_err = np.abs(logits["mixed"] - logits["fp32"]).max()
+    assert 0 < mixed_err < 0.05 * np.abs(logits["fp32"]).max()
+    assert mixed_err <= np.abs(logits["bf16"] - logits["fp32"]).max()
+    grads = {n: jax.grad(lambda p: llama.next_token_loss(llama.forward(p, tokens, a, None, o), tokens))(p)
+             for n, o in runs.items() if n != "bf16"}
+    for g32, gmix in zip(jax.tree.leaves(grads["fp32"]), jax.tree.leaves(grads["mixed"])):
+        np.testing.assert_allclose(gmix, g32, atol=0.05 * float(np.abs(g32).max()) + 1e-6)
+    with pytest.raises(Exception, match="matmul_dtype"):
+        llama.ModelOptions(matmul_dtype="int8")
