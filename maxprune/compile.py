@@ -214,11 +214,16 @@ def aot_compile(cfg, topology: str | Topology, *, seq_len: int | None = None,
 
     from maxprune.model import llama
     from maxprune.model import masks as masks_lib
+    from maxprune.model.layers import attention_impl
     from maxprune.train import optimizer as opt_lib
     from maxprune.train.step import Teacher, init_state, make_train_step
 
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     options = llama.ModelOptions.from_config(cfg.model)
+    # "auto" attention follows the target's platform, not this host's.
+    platform = mesh.devices.flat[0].platform
+    options = dataclasses.replace(options, attention=attention_impl(options.attention, options.compute_dtype,
+                                                                     arch.head_dim, backend=platform))
     steps = 1000  # shapes do not depend on the schedule's length
     optimizer = opt_lib.make_optimizer(cfg.train, steps)
     schedule = opt_lib.make_schedule(cfg.train.lr, steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)

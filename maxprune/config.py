@@ -44,7 +44,7 @@ def _model_section() -> dict[str, Any]:
     # enabled=False drops the preset's scaling; any set field overrides it (or the defaults).
     arch["rope_scaling"] = {"enabled": placeholder(bool), **_typed_placeholders(RopeScaling)}
     return {"preset": "tiny", "arch": arch, "dtype": "bfloat16", "matmul_dtype": "same",
-            "remat": "none", "attention": "einsum", "scan_unroll": 1}
+            "remat": "none", "attention": "auto", "scan_unroll": 1}
 
 
 def _check_model(cfg: ConfigDict) -> None:

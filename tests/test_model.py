@@ -270,3 +270,17 @@ def test_bf16_matmuls_under_fp32_activations_track_fp32():
         np.testing.assert_allclose(gmix, g32, atol=0.05 * float(np.abs(g32).max()) + 1e-6)
     with pytest.raises(Exception, match="matmul_dtype"):
         llama.ModelOptions(matmul_dtype="int8")
+
+
+def test_auto_attention_picks_the_kernel_that_applies():
+    from maxprune.model.layers import attention_impl
+    bf16, fp32 = jnp.bfloat16, jnp.float32
+    assert attention_impl("auto", bf16, 64) == "einsum"  # this CPU
+    assert attention_impl("auto", bf16, 128, backend="gpu", capability=9.0) == "cudnn"  # H100/H200
+    assert attention_impl("auto", jnp.float16, 64, backend="cuda", capability=8.0) == "cudnn"  # A100
+    assert attention_impl("auto", fp32, 128, backend="gpu", capability=9.0) == "xla"  # cuDNN: 16-bit only
+    assert attention_impl("auto", bf16, 256, backend="gpu", capability=9.0) == "xla"
+    assert attention_impl("auto", bf16, 128, backend="gpu", capability=7.5) == "xla"  # pre-Ampere
+    assert attention_impl("auto", bf16, 128, backend="tpu") == "xla"
+    assert attention_impl("einsum", bf16, 128, backend="gpu", capability=9.0) == "einsum"  # as asked
+    assert llama.ModelOptions().attention == "auto"

@@ -43,7 +43,7 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ class ModelOptions:
 
     dtype: str = "bfloat16"
     remat: str = "none"
-    attention: str = "einsum"
+    attention: str = "auto"  # see layers.attention_impl
     scan_unroll: int = 1
     matmul_dtype: str = "same"
 
