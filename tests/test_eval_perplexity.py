@@ -179,6 +179,33 @@ def test_packed_scoring_equals_scoring_each_sequence_alone(pack_length, batch_si
         np.testing.assert_array_equal(greedy, greedy_alone[-t:])
 
 
+def test_packed_calls_keep_their_logits_under_the_budget(monkeypatch):
+    """A tiny logits budget: calls shrink to the shard count, and the scores do not change."""
+    from hf_helpers import random_params
+    from eval_helpers import tiny_arch
+
+    from maxprune import sharding
+    from maxprune.eval import scoring
+    from maxprune.model import llama
+
+    arch = tiny_arch()
+    mesh = sharding.make_mesh(None, devices=jax.devices()[:2])
+    scorer = scoring.Scorer(arch, random_params(arch, 3), None, mesh, llama.ModelOptions(dtype="float32"),
+                            batch_size=8, buckets=(32, 64))
+    rng = np.random.default_rng(4)
+    seqs = [rng.integers(0, 300, int(n)).astype(np.int32) for n in rng.integers(10, 30, 40)]
+    inputs, targets, tails = [s[:-1] for s in seqs], [s[1:] for s in seqs], [5] * len(seqs)
+    roomy = scorer.score_packed(inputs, targets, tails, pack_length=32)
+    assert {key[2][0] for key in scorer._compiled} >= {8}  # full calls of 8 rows
+    monkeypatch.setattr(scoring, "LOGITS_BYTES", 3 * 8 * arch.vocab_size * 4)  # room for < 4 rows of 8
+    scorer._compiled.clear()
+    tight = scorer.score_packed(inputs, targets, tails, pack_length=32)
+    assert {key[2][0] for key in scorer._compiled} == {2}  # the shard count: the fewest rows a call takes
+    for (lp, greedy), (lp_t, greedy_t) in zip(roomy, tight):
+        np.testing.assert_allclose(lp_t, lp, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(greedy_t, greedy)
+
+
 def test_packing_fills_rows_without_overflow():
     from maxprune.eval.scoring import _pack
     rng = np.random.default_rng(2)

@@ -38,6 +38,9 @@ from maxprune.model import llama
 from maxprune.model.arch import Arch
 
 
+LOGITS_BYTES = 1 << 30  # at most this much fp32 logits per packed call (a few rows at least)
+
+
 def bucket_lengths(max_length: int, min_bucket: int = 32) -> tuple[int, ...]:
     """Powers of two from `min_bucket` up to `max_length` (which is always the last bucket)."""
     if max_length < 1 or min_bucket < 1:
@@ -127,22 +130,29 @@ class Scorer:
         attending only to itself with positions from 0, so every sequence scores as
         it would alone, on far fewer tokens than padding each to a power of two.
         Only scored positions go through the lm_head (a power-of-two bucket of the
-        most any row holds). Calls hold `rows_for(length)` rows; the last one a
-        power of two of the shards that holds what is left.
+        most any row holds). Calls hold `rows_for(length)` rows, fewer (a power of
+        two of the shards) for what is left at the end, or when their fp32 logits
+        would pass `LOGITS_BYTES` (a 128K vocab at 32 rows x 128 positions: 2 GiB).
         """
         length = self.bucket(max(pack_length, max(len(x) for x in inputs)))
         trees = _trees(inputs, tails, length)
         packed = [[trees[t] for t in row] for row in _pack([tree.size for tree in trees], length)]
-        full_rows, out = self.rows_for(length), [None] * len(inputs)
-        for start in range(0, len(packed), full_rows):
-            chunk = packed[start:start + full_rows]
-            rows = min(full_rows, self._shards << max(0, math.ceil(math.log2(len(chunk) / self._shards))))
-            most = max(sum(tails[i] for tree in row for i in tree.members) for row in chunk)
-            tail = min(length, max(8, 1 << math.ceil(math.log2(most))))
+        full_rows, out, start = self.rows_for(length), [None] * len(inputs), 0
+        while start < len(packed):
+            n = full_rows
+            while True:
+                chunk = packed[start:start + n]
+                rows = min(full_rows, self._shards << max(0, math.ceil(math.log2(len(chunk) / self._shards))))
+                most = max(sum(tails[i] for tree in row for i in tree.members) for row in chunk)
+                tail = min(length, max(8, 1 << math.ceil(math.log2(most))))
+                if rows <= self._shards or rows * tail * self.arch.vocab_size * 4 <= LOGITS_BYTES:
+                    break
+                n = rows // 2
             arrays, slots = _packed_arrays(chunk, inputs, targets, tails, rows, length, tail)
             logprob_BT, greedy_BT = self._run("packed", length, *arrays)
             for i, (row, cols) in slots.items():
                 out[i] = (logprob_BT[row, cols], greedy_BT[row, cols])
+            start += len(chunk)
         return out
 
     def next_tokens(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
