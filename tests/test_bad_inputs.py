@@ -177,6 +177,7 @@ CASES = [
          "prune.pattern='3:2' needs 0 < N < M"),
     Case("eval-wrong-type", lambda e: ["eval", str(e.model), "--config.eval.limit=abc"], "expects int or None"),
     Case("eval-out-of-range", lambda e: ["eval", str(e.model), "--config.eval.batch_size=0"], "eval.batch_size=0"),
+    Case("eval-pack-length", lambda e: ["eval", str(e.model), "--config.eval.pack_length=0"], "eval.pack_length=0"),
     Case("study-mistyped-key", lambda e: ["study", "plan", "--config.study.variant=('wanda@0.5',)"],
          "did you mean 'study.variants'"),
     Case("demo-unknown-key", lambda e: ["demo", "--root", str(e.new), "--config.study.bogus=1"],

@@ -91,6 +91,8 @@ class MaxpruneLM(TemplateLM):
         self.add_bos_token = bool(add_bos_token)
         self._max_length = int(max_length or model.arch.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
+        if int(pack_length) < 1:
+            raise MaxpruneError(f"pack_length={pack_length} must be >= 1")
         self.pack_length = min(int(pack_length), self._max_length)
         size = 32 if str(batch_size).startswith("auto") else int(batch_size)
         self.scorer = model.scorer(size, bucket_lengths(self._max_length, int(min_bucket)),

@@ -32,6 +32,7 @@ def section() -> dict[str, Any]:
         "batch_tokens": 32768,             # ... and fewer in long buckets: rows x padded length <= this
         "max_length": placeholder(int),    # longest request in tokens (default: arch.max_position_embeddings)
         "min_bucket": 32,                  # shortest padded length; buckets double up to max_length
+        "pack_length": 256,                # loglikelihood requests are packed into rows of at least this
         "add_bos": True,                   # BOS before each request, as lm-eval's hf backend with Llama-3
         "perplexity": {
             "corpora": tuple(PAPER_CORPORA),  # names (maxprune.eval.perplexity) or "NAME=SOURCE_SPEC"
@@ -53,7 +54,7 @@ def check(cfg) -> None:
     if e.task_source not in TASK_SOURCES:
         raise MaxpruneError(f"eval.task_source={e.task_source!r} is not valid; choose one of "
                             f"{', '.join(TASK_SOURCES)}")
-    for key in ("batch_size", "batch_tokens", "min_bucket", "validation_sequences"):
+    for key in ("batch_size", "batch_tokens", "min_bucket", "pack_length", "validation_sequences"):
         if e[key] < 1:
             raise MaxpruneError(f"eval.{key}={e[key]} must be >= 1")
     for key in ("limit", "max_length"):

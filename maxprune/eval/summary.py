@@ -81,14 +81,14 @@ def _run_tasks(model, e) -> tuple[dict, dict]:
     from maxprune.eval.lm_eval_adapter import MaxpruneLM
     from maxprune.eval.tasks import run_tasks
     lm = MaxpruneLM(model=model, batch_size=e.batch_size, batch_tokens=e.batch_tokens, max_length=e.max_length,
-                    min_bucket=e.min_bucket, add_bos_token=e.add_bos)
+                    min_bucket=e.min_bucket, pack_length=e.pack_length, add_bos_token=e.add_bos)
     start = time.perf_counter()
     results = run_tasks(lm, list(e.tasks), source=e.task_source, data_dir=e.task_data_dir, limit=e.limit,
                         num_fewshot=e.num_fewshot)
     buckets = list(lm.scorer.buckets)
     info = {"seconds": time.perf_counter() - start, "compilations": lm.compile_count, "buckets": buckets,
-            "rows_per_bucket": [lm.scorer.rows_for(b) for b in buckets], "add_bos": lm.add_bos_token,
-            "max_length": lm.max_length}
+            "rows_per_bucket": [lm.scorer.rows_for(b) for b in buckets], "pack_length": lm.pack_length,
+            "add_bos": lm.add_bos_token, "max_length": lm.max_length}
     return results, info
 
 
