@@ -122,29 +122,6 @@ def test_same_perplexity_on_any_mesh(setup):
     assert ppl_lib.perplexity(model, setup["source"], **kwargs)["ppl"] == pytest.approx(default["ppl"], rel=1e-5)
 
 
-def test_scoring_only_a_tail_equals_the_tail_of_full_scoring():
-    from hf_helpers import random_params
-    from eval_helpers import tiny_arch
-
-    from maxprune import sharding
-    from maxprune.eval.scoring import Scorer
-    from maxprune.model import llama
-
-    arch = tiny_arch()
-    mesh = sharding.make_mesh(None, devices=jax.devices()[:1])
-    scorer = Scorer(arch, random_params(arch, 3), None, mesh, llama.ModelOptions(dtype="float32"),
-                    batch_size=4, buckets=(16, 64))
-    rng = np.random.default_rng(0)
-    seqs = [rng.integers(0, 300, n).astype(np.int32) for n in (40, 9, 63, 3, 50)]  # 5 rows: two calls
-    full = scorer.score_batch([s[:-1] for s in seqs], [s[1:] for s in seqs])
-    tail = scorer.score_batch([s[:-1] for s in seqs], [s[1:] for s in seqs], tail=6)  # bucket 8
-    for (lp, gr), (lp_t, gr_t), s in zip(full, tail, seqs):
-        n = min(8, len(s) - 1)
-        assert len(lp_t) == n
-        np.testing.assert_allclose(lp_t, lp[-n:], rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(gr_t, gr[-n:])
-
-
 @pytest.mark.parametrize("pack_length, batch_size", [(64, 4), (16, 2)])  # few rows; a row per tree
 def test_packed_scoring_equals_scoring_each_sequence_alone(pack_length, batch_size):
     """Questions with shared contexts and 1..9-token answers, some too many to fit one row

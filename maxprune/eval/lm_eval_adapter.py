@@ -117,8 +117,8 @@ class MaxpruneLM(TemplateLM):
 
     @property
     def compile_count(self) -> int:
-        """XLA compilations so far: at most one per (bucket, continuation bucket) for scoring, one per
-        bucket for generation."""
+        """XLA compilations so far: a handful of packed shapes for scoring, one per bucket for
+        generation."""
         return self.scorer.compile_count
 
     # ------------------------------------------------------------ tokens

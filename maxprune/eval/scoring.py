@@ -77,9 +77,8 @@ class Scorer:
 
     @property
     def compile_count(self) -> int:
-        """Distinct (function, shapes) pairs compiled so far: per kind (score, logprob, next, packed),
-        at most one per bucket and continuation bucket, and for packed calls per power-of-two
-        row count of a last, partly filled call."""
+        """Distinct (function, shapes) pairs compiled so far: per kind (score, logprob, next) at most
+        one per bucket; packed calls per row length, power-of-two row count and scored positions."""
         return len(self._compiled)
 
     @property
@@ -94,29 +93,23 @@ class Scorer:
         raise MaxpruneError(f"a sequence of {length} tokens exceeds the longest bucket {self.max_length}")
 
     # ------------------------------------------------------------ batched calls
-    def score_batch(self, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], greedy: bool = True,
-                    tail: int | None = None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    def score_batch(self, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], greedy: bool = True
+                    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """Per sequence: (logprob_T float32, is_greedy_T bool) for each of its targets.
 
         All are padded to the bucket of the longest one, `rows_for(bucket)` per call.
         `greedy=False` skips the argmax pass over the vocab (perplexity does not need it)
-        and gives None for is_greedy. `tail=n` scores only each sequence's last n
-        targets (a continuation after its context): the lm_head and the softmax then
-        run on a power-of-two bucket of n positions instead of the whole length, and
-        each result holds at least its last n targets.
+        and gives None for is_greedy.
         """
         length = self.bucket(max(len(x) for x in inputs))
-        tail = _tail_bucket(tail, length)
         rows, out = self.rows_for(length), []
         for start in range(0, len(inputs), rows):
-            chunk_in, chunk_tg = inputs[start:start + rows], targets[start:start + rows]
-            arrays = [_pad(chunk_in, rows, length), _pad(chunk_tg, rows, length)]
-            if tail:
-                arrays.append(_tail_positions(chunk_in, rows, tail))
-            logprob_BL, greedy_BL = self._run("score" if greedy else "logprob", length, *arrays)
-            for i, t in enumerate(chunk_tg):
-                keep = slice(None, len(t)) if not tail else slice(tail - min(len(t), tail), None)
-                out.append((logprob_BL[i, keep], None if greedy_BL is None else greedy_BL[i, keep]))
+            chunk_tg = targets[start:start + rows]
+            logprob_BL, greedy_BL = self._run("score" if greedy else "logprob", length,
+                                              _pad(inputs[start:start + rows], rows, length),
+                                              _pad(chunk_tg, rows, length))
+            out += [(logprob_BL[i, :len(t)], None if greedy_BL is None else greedy_BL[i, :len(t)])
+                    for i, t in enumerate(chunk_tg)]
         return out
 
     def score_packed(self, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], tails: Sequence[int],
@@ -137,23 +130,27 @@ class Scorer:
         length = self.bucket(max(pack_length, max(len(x) for x in inputs)))
         trees = _trees(inputs, tails, length)
         packed = [[trees[t] for t in row] for row in _pack([tree.size for tree in trees], length)]
-        full_rows, out, start = self.rows_for(length), [None] * len(inputs), 0
+        out, start = [None] * len(inputs), 0
         while start < len(packed):
-            n = full_rows
-            while True:
-                chunk = packed[start:start + n]
-                rows = min(full_rows, self._shards << max(0, math.ceil(math.log2(len(chunk) / self._shards))))
-                most = max(sum(tails[i] for tree in row for i in tree.members) for row in chunk)
-                tail = min(length, max(8, 1 << math.ceil(math.log2(most))))
-                if rows <= self._shards or rows * tail * self.arch.vocab_size * 4 <= LOGITS_BYTES:
-                    break
-                n = rows // 2
+            chunk, rows, tail = self._packed_call(packed[start:start + self.rows_for(length)], tails, length)
             arrays, slots = _packed_arrays(chunk, inputs, targets, tails, rows, length, tail)
             logprob_BT, greedy_BT = self._run("packed", length, *arrays)
             for i, (row, cols) in slots.items():
                 out[i] = (logprob_BT[row, cols], greedy_BT[row, cols])
             start += len(chunk)
         return out
+
+    def _packed_call(self, chunk: list[list[_Tree]], tails, length: int) -> tuple[list[list[_Tree]], int, int]:
+        """The leading rows of `chunk` one call takes, its row count (a power of two times the
+        shards) and its scored positions per row (a power of two, at least 8), halving the rows
+        while their fp32 logits would pass `LOGITS_BYTES`."""
+        while True:
+            rows = min(self.rows_for(length), self._shards * _pow2_at_least(len(chunk) / self._shards))
+            most = max(sum(tails[i] for tree in row for i in tree.members) for row in chunk)
+            tail = min(length, max(8, _pow2_at_least(most)))
+            if rows <= self._shards or rows * tail * self.arch.vocab_size * 4 <= LOGITS_BYTES:
+                return chunk, rows, tail
+            chunk = chunk[:rows // 2]
 
     def next_tokens(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         """The greedy next token after each sequence."""
@@ -181,20 +178,13 @@ class Scorer:
         return jax.tree.map(np.asarray, result)
 
 
-def _score_fn(params, masks, inputs_BL, targets_BL, *rest, arch, options):
-    logits_BTV, targets_BT = _logits(params, masks, inputs_BL, targets_BL, *rest, arch=arch, options=options)
-    return _target_logprob(logits_BTV, targets_BT), jnp.argmax(logits_BTV, axis=-1) == targets_BT
+def _score_fn(params, masks, inputs_BL, targets_BL, *, arch, options):
+    logits_BLV = llama.forward(params, inputs_BL, arch, masks, options)
+    return _target_logprob(logits_BLV, targets_BL), jnp.argmax(logits_BLV, axis=-1) == targets_BL
 
 
-def _logprob_fn(params, masks, inputs_BL, targets_BL, *rest, arch, options):
-    logits_BTV, targets_BT = _logits(params, masks, inputs_BL, targets_BL, *rest, arch=arch, options=options)
-    return _target_logprob(logits_BTV, targets_BT), None
-
-
-def _logits(params, masks, inputs_BL, targets_BL, keep_BT=None, *, arch, options):
-    """Logits and targets at every position, or only at the positions `keep_BT`."""
-    logits = llama.forward(params, inputs_BL, arch, masks, options, keep_BT=keep_BT)
-    return logits, targets_BL if keep_BT is None else jnp.take_along_axis(targets_BL, keep_BT, axis=1)
+def _logprob_fn(params, masks, inputs_BL, targets_BL, *, arch, options):
+    return _target_logprob(llama.forward(params, inputs_BL, arch, masks, options), targets_BL), None
 
 
 def _packed_fn(params, masks, inputs_BL, positions_BL, segments_BL, branches_BL, keep_BT, targets_BT, *,
@@ -216,12 +206,12 @@ def _trees(inputs, tails, capacity: int) -> list[_Tree]:
     """Group sequences by shared prefix, the inputs before their last `tail - 1` (a scored
     continuation's first target is predicted at the prefix's last position); a tree larger
     than `capacity` is split, each part repeating the prefix."""
-    groups: dict[bytes, list[int]] = {}
+    groups: dict[bytes, tuple[np.ndarray, list[int]]] = {}
     for i, x in enumerate(inputs):
-        groups.setdefault(np.asarray(x[:len(x) - tails[i] + 1], np.int32).tobytes(), []).append(i)
+        prefix = np.asarray(x[:len(x) - tails[i] + 1], np.int32)
+        groups.setdefault(prefix.tobytes(), (prefix, []))[1].append(i)
     trees = []
-    for members in groups.values():
-        prefix = inputs[members[0]][:len(inputs[members[0]]) - tails[members[0]] + 1]
+    for prefix, members in groups.values():
         tree = _Tree(prefix, [], len(prefix))
         for i in members:
             if tree.members and tree.size + tails[i] - 1 > capacity:
@@ -282,20 +272,9 @@ def _packed_arrays(chunk: list[list[_Tree]], inputs, targets, tails, rows: int, 
     return (inputs_BL, positions_BL, segments_BL, branches_BL, keep_BT, targets_BT), slots
 
 
-def _tail_bucket(tail: int | None, length: int, smallest: int = 8) -> int | None:
-    """A power of two >= `tail` (at least `smallest`), or None when it would not be shorter than `length`."""
-    if not tail:
-        return None
-    bucket = max(smallest, 1 << math.ceil(math.log2(tail)))
-    return bucket if bucket < length else None
-
-
-def _tail_positions(seqs: Sequence[np.ndarray], rows: int, tail: int) -> np.ndarray:
-    """[rows, tail] int32: each sequence's last `tail` positions (clipped at 0; padding rows: 0)."""
-    out_BT = np.zeros((rows, tail), np.int32)
-    for i, s in enumerate(seqs):
-        out_BT[i] = np.maximum(np.arange(len(s) - tail, len(s)), 0)
-    return out_BT
+def _pow2_at_least(x: float) -> int:
+    """The smallest power of two >= x (1 for x <= 1)."""
+    return 1 << max(0, math.ceil(math.log2(x)))
 
 
 def _target_logprob(logits_BLV, targets_BL):

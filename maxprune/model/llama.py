@@ -148,8 +148,9 @@ class Llama(nn.Module):
         if keep_BT is not None:  # e.g. scoring a continuation: no head work on the context
             h_BLD = jnp.take_along_axis(h_BLD, keep_BT[..., None], axis=1)
         if self.arch.tie_embeddings:
-            w_VD = self.embed.embedding.astype(h_BLD.dtype)
-            logits = jnp.einsum("bld,vd->blv", h_BLD, w_VD, preferred_element_type=jnp.float32)
+            operand = self.options.operand_dtype
+            logits = jnp.einsum("bld,vd->blv", h_BLD.astype(operand), self.embed.embedding.astype(operand),
+                                preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(h_BLD)
         return layers.constrain(logits, ("act_batch", "act_len", "act_vocab"))
