@@ -38,7 +38,7 @@ def hidden_states():
     x = np.asarray(PARAMS["embed"]["embedding"])[CALIB]
     states, sites = [x], []
     for i in range(ARCH.num_layers):
-        x, inter = layer_fn(jax.tree.map(lambda a: a[i], PARAMS["layers"]), x)
+        x, inter = layer_fn(jax.tree.map(lambda a, i=i: a[i], PARAMS["layers"]), x)
         states.append(np.asarray(x, np.float64))
         sites.append({"attn_norm": inter["attn_norm"]["output"][0], "mlp_norm": inter["mlp_norm"]["output"][0],
                       "o": inter["attn"]["o"]["input"][0], "down": inter["mlp"]["down"]["input"][0]})
@@ -94,34 +94,130 @@ def test_depth_removing_every_layer_is_an_error(k):
 
 
 # --------------------------------------------------------------------- width
-def numpy_width_scores():
-    """FFN: sqrt Σ_n (mean_t |a|)²; hidden: Σ over 2L norms of the same; heads: L2 over head channels."""
-    _, sites = hidden_states()
-    stat = lambda x: np.sqrt(np.sum(np.mean(np.abs(x), axis=1) ** 2, axis=0))
-    hidden = sum(stat(s["attn_norm"]) + stat(s["mlp_norm"]) for s in sites)
+AGGREGATIONS = ("paper", "nemo")
+
+
+def numpy_site_stat(x_NTC, aggregation):
+    """Per channel: paper Σ_{n,t} x² (its L2 over tokens before the root); nemo sqrt Σ_n (mean_t |x|)²."""
+    x = np.asarray(x_NTC, np.float64)
+    return np.sum(x ** 2, axis=(0, 1)) if aggregation == "paper" else np.sqrt(np.sum(np.mean(np.abs(x), 1) ** 2, 0))
+
+
+def numpy_scores(sites, aggregation):
+    """(hidden, ffn, heads) from each layer's site activations ``{attn_norm, mlp_norm, o, down}``."""
+    stat = functools.partial(numpy_site_stat, aggregation=aggregation)
+    norms = sum(stat(s["attn_norm"]) + stat(s["mlp_norm"]) for s in sites)
     ffn = np.stack([stat(s["down"]) for s in sites])
-    heads = np.stack([np.linalg.norm(stat(s["o"]).reshape(ARCH.num_heads, -1), axis=-1) for s in sites])
-    return hidden, ffn, heads
+    o = np.stack([stat(s["o"]).reshape(ARCH.num_heads, -1) for s in sites])
+    if aggregation == "paper":  # squares added across the 2L norms, one root at the end
+        return np.sqrt(norms), np.sqrt(ffn), np.sqrt(np.sum(o, -1))
+    return norms, ffn, np.linalg.norm(o, axis=-1)
 
 
-def test_width_scores_equal_numpy():
-    scores = minitron.width_scores(PARAMS, ARCH, CALIB, OPTIONS)
-    hidden, ffn, heads = numpy_width_scores()
+def numpy_width_scores(aggregation="paper"):
+    return numpy_scores(hidden_states()[1], aggregation)
+
+
+@pytest.fixture(scope="module")
+def hf_hook_sites(tmp_path_factory):
+    """Each layer's site activations from transformers' forward (hooks as the paper's collection), fp32."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from maxprune.convert import hf
+    from maxprune.model.model_dir import save_model_dir
+    tmp_dir = tmp_path_factory.mktemp("hooks")
+    save_model_dir(tmp_dir / "md", ARCH, PARAMS)
+    hf.to_hf(tmp_dir / "md", tmp_dir / "hf")
+    model = LlamaForCausalLM.from_pretrained(tmp_dir / "hf", dtype=torch.float32).eval()
+    sites = [{k: [] for k in ("attn_norm", "mlp_norm", "o", "down")} for _ in range(ARCH.num_layers)]
+    keep = lambda i, k, output: lambda m, args, out: sites[i][k].append((out if output else args[0]).numpy())
+    for i, layer in enumerate(model.model.layers):
+        layer.input_layernorm.register_forward_hook(keep(i, "attn_norm", True))
+        layer.post_attention_layernorm.register_forward_hook(keep(i, "mlp_norm", True))
+        layer.self_attn.o_proj.register_forward_hook(keep(i, "o", False))
+        layer.mlp.down_proj.register_forward_hook(keep(i, "down", False))
+    with torch.no_grad():
+        for seq in CALIB:  # batch size 1, as the paper's collection ran it
+            model(torch.as_tensor(seq[None]))
+    return [{k: np.concatenate(v) for k, v in s.items()} for s in sites]
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_accumulator_over_chunks_equals_numpy(aggregation, dtype):
+    """Statistics summed chunk by chunk (uneven batches, heavy-tailed values) == NumPy on all sequences at once."""
+    rng = np.random.default_rng(1)
+    dims = {"attn_in": 8, "attn_out": 6, "mlp_in": 8, "mlp_hidden": 12}
+    acts = {s: (rng.standard_t(2, (9, 7, d)) * rng.uniform(0.1, 5, d)).astype(dtype) for s, d in dims.items()}
+    acc = minitron.ACCUMULATORS[aggregation]
+    update = jax.jit(acc.update)
+    stats = acc.init(dims)
+    for lo, hi in ((0, 2), (2, 3), (3, 9)):
+        stats = update(stats, {s: jax.numpy.asarray(x[lo:hi]) for s, x in acts.items()})
+    out = acc.finalize(stats, 9)
+    for site, x in acts.items():
+        assert out[site].dtype == np.float32
+        np.testing.assert_allclose(out[site], numpy_site_stat(x.astype(np.float64), aggregation), rtol=2e-6)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_width_scores_equal_numpy(aggregation):
+    scores = minitron.width_scores(PARAMS, ARCH, CALIB, OPTIONS, aggregation)
+    hidden, ffn, heads = numpy_width_scores(aggregation)
     np.testing.assert_allclose(scores.hidden_D, hidden, rtol=1e-5)
     np.testing.assert_allclose(scores.ffn_LF, ffn, rtol=1e-5)
     np.testing.assert_allclose(scores.head_LN, heads, rtol=1e-5)
 
 
-def test_width_keeps_top_k_in_descending_order_and_best_heads_per_group():
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_width_scores_equal_transformers_hooks(aggregation, hf_hook_sites):
+    """Against activations hooked out of transformers' own forward of the exported model."""
+    hidden, ffn, heads = numpy_scores(hf_hook_sites, aggregation)
+    scores = minitron.width_scores(PARAMS, ARCH, CALIB, OPTIONS, aggregation)
+    np.testing.assert_allclose(scores.hidden_D, hidden, rtol=2e-4)
+    np.testing.assert_allclose(scores.ffn_LF, ffn, rtol=2e-4)
+    np.testing.assert_allclose(scores.head_LN, heads, rtol=2e-4)
+
+
+def test_aggregations_rank_channels_differently():
+    """Channel 0 fires hard on one token, channel 1 moderately on every token: eq. 4 prefers 0, NeMo 1."""
+    arch = ARCH.replace(num_layers=1)
+    dims = {"attn_in": 64, "attn_out": 64, "mlp_in": 64, "mlp_hidden": 192}
+    acts = {s: np.full((4, 16, d), 0.01, np.float32) for s, d in dims.items()}
+    for x in acts.values():
+        x[:, :, 0], x[0, 3, 0], x[:, :, 1] = 0.0, 20.0, 1.0  # paper: 400 vs 64; nemo: 1.25 vs 2
+    scores = {}
+    for aggregation in AGGREGATIONS:
+        acc = minitron.ACCUMULATORS[aggregation]
+        stats = acc.finalize(acc.update(acc.init(dims), acts), 4)
+        scores[aggregation] = minitron.combine_width_stats(
+            {s: np.asarray(v, np.float64)[None] for s, v in stats.items()}, arch, aggregation)
+    shape = arch.replace(hidden_size=1, ffn_size=1)
+    paper, nemo = (minitron.width_keep(scores[a], arch, shape) for a in AGGREGATIONS)
+    assert paper.hidden_D.tolist() == [0] and paper.ffn_LF.tolist() == [[0]]
+    assert nemo.hidden_D.tolist() == [1] and nemo.ffn_LF.tolist() == [[1]]
+    assert np.argmax(scores["paper"].head_LN[0]) == np.argmax(scores["nemo"].head_LN[0]) == 0  # head 0 holds both
+
+
+def test_width_scores_bad_aggregation_is_a_clear_error():
+    with pytest.raises(MaxpruneError, match=r"aggregation='l2' is not valid; choose one of paper, nemo"):
+        minitron.width_scores(PARAMS, ARCH, CALIB, OPTIONS, "l2")
+
+
+@pytest.mark.parametrize("aggregation", [None, *AGGREGATIONS])
+def test_width_keeps_top_k_in_descending_order_and_best_heads_per_group(aggregation):
+    chosen = [] if aggregation is None else [f"--config.prune.minitron_width.aggregation={aggregation}"]
     result = run("minitron_width", "--config.prune.minitron_width.hidden_size=48",
-                 "--config.prune.minitron_width.ffn_size=96", "--config.prune.minitron_width.num_heads=2")
-    hidden, ffn, heads = numpy_width_scores()
+                 "--config.prune.minitron_width.ffn_size=96", "--config.prune.minitron_width.num_heads=2", *chosen)
+    hidden, ffn, heads = numpy_width_scores(aggregation or "paper")  # the paper's is the default
     keep = Keep(hidden_D=np.argsort(-hidden)[:48], ffn_LF=np.argsort(-ffn, axis=1)[:, :96],
                 heads_LKG=np.argsort(-heads.reshape(5, 2, 2), axis=-1)[..., :1])
     expected, arch, _ = slice_model(PARAMS, ARCH, keep)
     assert result.arch == arch
     assert (arch.hidden_size, arch.ffn_size, arch.num_heads, arch.num_kv_heads) == (48, 96, 2, 2)
     assert jax.tree.all(jax.tree.map(np.array_equal, result.params, expected))
+    assert result.report["summary"]["aggregation"] == (aggregation or "paper")
 
 
 def test_width_ffn_fills_the_ratio_when_unset():
@@ -162,6 +258,8 @@ def test_width_bad_shape_is_a_clear_error(overrides, fragment):
     (("--config.prune.method=minitron_depth", "--config.prune.search.enabled=True"), "search.enabled is for"),
     (("--config.prune.minitron_depth.criterion=cosine",), "criterion"),
     (("--config.prune.minitron_width.ratio_of=layers",), "ratio_of"),
+    (("--config.prune.minitron_width.aggregation=l2",),
+     "prune.minitron_width.aggregation='l2' is not valid; choose one of paper, nemo"),
 ])
 def test_bad_config_is_a_clear_error(overrides, fragment):
     with pytest.raises(MaxpruneError, match=fragment):

@@ -3,7 +3,7 @@
 The references below are independent NumPy float64 transcriptions of the
 original code (locuslab/wanda ``prune_wanda`` / ``prune_magnitude``,
 IST-DASLab/sparsegpt ``SparseGPT.add_batch`` + ``fasterprune``), in torch's
-``[out, in]`` layout, one calibration sequence at a time, as METHODS.md
+``[out, in]`` layout, one calibration sequence at a time, as docs/methods.md
 describes them. They do not call maxprune's pruning code.
 """
 

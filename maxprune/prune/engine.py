@@ -25,7 +25,7 @@ statistics are computed once, not three times)::
 Two entry points:
 
 - `prune_layerwise(params, arch, calibration_NL, pruner, options)`: the shared
-  layer loop of Wanda / SparseGPT / magnitude (METHODS.md): statistics from the
+  layer loop of Wanda / SparseGPT / magnitude (docs/methods.md): statistics from the
   *dense* layer for all seven linears (``order="reference"``; a pruner may ask
   for them in groups, last input site first, so that one group's statistics
   are alive at a time — a linear only changes the sites after its own, so the

@@ -1,7 +1,7 @@
 """FLAP (An et al. 2024), adapted to grouped-query attention at KV-group granularity.
 
 Reference: CASIA-IVA-Lab/FLAP (``prune_flap``, ``BiasGPT``, ``compress``), as
-METHODS.md reads it, reproduced detail by detail:
+docs/methods.md reads it, reproduced detail by detail:
 
 - Statistics only at the inputs of o_proj and down_proj, from one pass of the
   **dense** model (layer i sees the unpruned layer i−1).

@@ -12,16 +12,22 @@ chunk instead of ``(L−k+1)(L−k)``, with two hidden states alive (one extra
 per layer of the block for block influence).
 
 **Width** (`minitron_width`): activation importance from one forward pass of
-the dense model (METHODS.md): FFN neuron j ``sqrt(Σ_samples (mean_t |a_tj|)²)``
-at the down_proj input; hidden channel j the sum over all 2L RMSNorm outputs
-of the same statistic; query head the L2 over its channels of it at the
-o_proj input. Top-k per axis in descending order (channels get permuted; one
-shared hidden index), heads kept unless ``minitron_width.num_heads`` asks for
-fewer (then the best heads inside every KV group). RMSNorm then normalises
-over the kept channels only, unrescaled — the reference behaviour. The shape
-comes from ``hidden_size`` (+ ``ffn_size``), from the architecture search
-(``prune.search.enabled``; `maxprune.prune.search`), or by default is the
-median admissible shape at the ratio (`maxprune.prune.shapes.default_candidate`).
+the dense model (docs/methods.md), with two aggregations that rank channels
+differently (``minitron_width.aggregation``). ``"paper"`` (default; eq. 4 and
+the paper's collection run at batch size 1): a channel's score is the L2 norm
+over all calibration tokens, from s_j = ``Σ_t x_tj²`` — FFN neuron j at the
+down_proj input, hidden channel j with the squares added over all 2L RMSNorm
+outputs before the root (no root per norm). ``"nemo"`` (NeMo / Model-Optimizer):
+FFN neuron j ``sqrt(Σ_samples (mean_t |a_tj|)²)``, hidden channel j the sum over
+the 2L norm outputs of that root. Either way a query head scores the L2 over its
+channels of the statistic at the o_proj input. Top-k per axis in descending
+order (channels get permuted; one shared hidden index), heads kept unless
+``minitron_width.num_heads`` asks for fewer (then the best heads inside every
+KV group). RMSNorm then normalises over the kept channels only, unrescaled —
+the reference behaviour. The shape comes from ``hidden_size`` (+ ``ffn_size``),
+from the architecture search (``prune.search.enabled``; `maxprune.prune.search`),
+or by default is the median admissible shape at the ratio
+(`maxprune.prune.shapes.default_candidate`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from maxprune.model.arch import Arch
 from maxprune.prune import engine, schema, search, shapes
 from maxprune.prune.api import PruneResult, register
 from maxprune.prune.surgery import Keep, slice_model
+
 
 # ===================================================================== depth
 @dataclasses.dataclass
@@ -187,8 +194,25 @@ def prune_depth(params, arch: Arch, calibration_NL, cfg) -> PruneResult:
 
 
 # ===================================================================== width
+@dataclasses.dataclass(frozen=True)  # frozen: equal instances share the engine's compiled passes
+class SquaredSums:
+    """The paper's statistic per channel (eq. 4): Σ over every calibration token of x², fp32."""
+
+    sites = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
+
+    def init(self, dims: Mapping[str, int]):
+        return {site: jnp.zeros((d,), jnp.float32) for site, d in dims.items()}
+
+    def update(self, stats, inputs):
+        return {site: stats[site] + jnp.sum(jnp.square(inputs[site].astype(jnp.float32)), (0, 1)) for site in stats}
+
+    def finalize(self, stats, n_sequences: int):
+        return stats
+
+
+@dataclasses.dataclass(frozen=True)
 class ActivationNorms:
-    """Minitron's statistic per channel: Σ over sequences of (mean over tokens of |x|)², sqrt at the end."""
+    """NeMo's statistic per channel: Σ over sequences of (mean over tokens of |x|)², sqrt at the end."""
 
     sites = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
 
@@ -203,20 +227,48 @@ class ActivationNorms:
         return {site: jnp.sqrt(s) for site, s in stats.items()}
 
 
+ACCUMULATORS = {"paper": SquaredSums(), "nemo": ActivationNorms()}
+
+
 @dataclasses.dataclass
 class WidthScores:
-    hidden_D: np.ndarray   # Σ over the 2L norm outputs
+    hidden_D: np.ndarray   # over the 2L norm outputs
     ffn_LF: np.ndarray     # down_proj input
     head_LN: np.ndarray    # L2 over each query head's o_proj-input channels
 
 
-def width_scores(params, arch: Arch, calibration_NL, options: engine.EngineOptions | None = None) -> WidthScores:
+def width_scores(params, arch: Arch, calibration_NL, options: engine.EngineOptions | None = None,
+                 aggregation: str = "paper") -> WidthScores:
     """Minitron's activation importance from one forward pass of the unchanged model."""
-    layers = engine.collect_stats(params, arch, calibration_NL, ActivationNorms(), options or engine.options_for())
-    stats = {site: np.stack([np.asarray(s[site], np.float64) for s in layers]) for site in ActivationNorms.sites}
-    head = np.sqrt(np.sum(np.square(stats["attn_out"]).reshape(arch.num_layers, arch.num_heads, -1), -1))
-    return WidthScores(hidden_D=np.sum(stats["attn_in"] + stats["mlp_in"], 0), ffn_LF=stats["mlp_hidden"],
-                       head_LN=head)
+    accumulator = _accumulator(aggregation)
+    layers = engine.collect_stats(params, arch, calibration_NL, accumulator, options or engine.options_for())
+    stats = {site: np.stack([np.asarray(s[site], np.float64) for s in layers]) for site in accumulator.sites}
+    return combine_width_stats(stats, arch, aggregation)
+
+
+def combine_width_stats(stats: Mapping[str, np.ndarray], arch: Arch, aggregation: str = "paper") -> WidthScores:
+    """Per-axis scores from the finalized per-layer site statistics (``{site: [L, width]}``).
+
+    paper: every score is an L2 norm over tokens of the sum of squares — the
+    hidden one over the tokens of all 2L norm outputs at once (squares added
+    across norms), a head's over its channels too. nemo: the hidden score sums
+    the per-norm statistics (already square-rooted).
+    """
+    _accumulator(aggregation)
+    if aggregation == "nemo":
+        head = np.sqrt(np.sum(np.square(stats["attn_out"]).reshape(arch.num_layers, arch.num_heads, -1), -1))
+        return WidthScores(hidden_D=np.sum(stats["attn_in"] + stats["mlp_in"], 0), ffn_LF=stats["mlp_hidden"],
+                           head_LN=head)
+    head = np.sqrt(np.sum(stats["attn_out"].reshape(arch.num_layers, arch.num_heads, -1), -1))
+    return WidthScores(hidden_D=np.sqrt(np.sum(stats["attn_in"] + stats["mlp_in"], 0)),
+                       ffn_LF=np.sqrt(stats["mlp_hidden"]), head_LN=head)
+
+
+def _accumulator(aggregation: str):
+    if aggregation not in ACCUMULATORS:
+        raise MaxpruneError(f"minitron_width.aggregation={aggregation!r} is not valid; choose one of "
+                            f"{', '.join(schema.WIDTH_AGGREGATIONS)}")
+    return ACCUMULATORS[aggregation]
 
 
 def width_keep(scores: WidthScores, arch: Arch, shape: Arch) -> Keep:
@@ -256,7 +308,7 @@ def prune_width(params, arch: Arch, calibration_NL, cfg) -> PruneResult:
     options = engine.options_for(cfg)
     if not cfg.search.enabled:
         shape = width_shape(arch, cfg)  # before the long pass: a bad shape fails fast
-    scores = width_scores(params, arch, calibration_NL, options)
+    scores = width_scores(params, arch, calibration_NL, options, cfg.minitron_width.aggregation)
     build = lambda s: _width_result(params, arch, scores, s)
     report: dict = {"method": "minitron_width"}
     if cfg.search.enabled:
@@ -266,7 +318,8 @@ def prune_width(params, arch: Arch, calibration_NL, cfg) -> PruneResult:
     else:
         result = build(shape)
     result.report.update(report)
-    result.report["summary"] = shapes.summary(arch, result.arch, time.perf_counter() - start_time)
+    result.report["summary"] = {**shapes.summary(arch, result.arch, time.perf_counter() - start_time),
+                                "aggregation": cfg.minitron_width.aggregation}
     return result
 
 

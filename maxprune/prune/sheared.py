@@ -1,7 +1,7 @@
 """Sheared LLaMA (Xia et al. 2024): learn structured pruning masks under a Lagrangian size constraint.
 
 Reference: princeton-nlp/LLM-Shearing (``l0_module.py``, ``composer_llama.py``,
-``train.py``) as METHODS.md reads it, with its constants:
+``train.py``) as docs/methods.md reads it, with its constants:
 
 - **Gates** are hard-concrete (L0) variables, one per unit of four mask sets:
   ``layer [L]``, ``head [L, K]``, ``ffn [L, F]``, ``hidden [D]``. Temperature

@@ -1,7 +1,7 @@
 """SparseGPT (Frantar & Alistarh 2023): prune with OBS weight updates, block by block.
 
 Reference: IST-DASLab/sparsegpt ``SparseGPT.fasterprune`` (blocksize 128,
-percdamp 0.01; see METHODS.md), reproduced step for step:
+percdamp 0.01; see docs/methods.md), reproduced step for step:
 
 - ``H = (2 / n_sequences) · Σ XᵀX`` in fp32 (their running mean);
 - dead inputs (``H_ii == 0``): ``H_ii = 1`` and their weights zeroed;

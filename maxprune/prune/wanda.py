@@ -1,6 +1,6 @@
 """Wanda (Sun et al. 2023): prune by |W| · ‖X_j‖, per output, from one calibration pass.
 
-Reference: locuslab/wanda ``prune_wanda`` (see METHODS.md). Per input channel j,
+Reference: locuslab/wanda ``prune_wanda`` (see docs/methods.md). Per input channel j,
 ``s_j = Σ_tokens x_j² / n_sequences`` in fp32 (their running mean over
 sequences); score ``|W_ji| · sqrt(s_j)`` (our kernel is ``[in, out]``: torch's
 row i is our column i). Unstructured: every output keeps exactly
