@@ -10,8 +10,22 @@ Tables (Markdown + CSV, one file each):
 - `ratio_ablation` (Table 11): per method with several ratios: S_N, P-R_N, Δ.
 - `after_pruning` (Table 10): each parent and its pruned models before retraining.
 
-A Δ whose size is within one std-dev of either run's evaluation (the paper's
-grey cells) is marked with `~`. Figures (PNG and SVG) follow Figures 1, 3, 4, 5.
+Seeds: a run group is one retrain or scratch run repeated over `study.seeds`.
+Each cell is the mean over the group's evaluated seeds; with several seeds the
+Markdown shows "mean ± std" (sample std-dev over seeds, ddof=1) and the CSV has
+`<column>` (mean), `<column>_std` and a `seeds` count. A Δ is the difference of
+the means. A Δ marked `~` (the paper's grey cells) is within the noise:
+|Δ| <= the largest of either side's evaluation std-dev (lm-eval's stderr, the
+mean over seeds) and either side's seed std-dev.
+
+Figures (PNG and SVG each):
+- `fig_prune_vs_scratch` (Figure 1): per variant, P-R_N vs S_N vs S_{M+N}.
+- `fig_token_scaling_<variant>` (Figure 3): loss and average accuracy vs N.
+- `fig_gain_vs_size` (Figure 4): P-R_N's gain over S_N vs the pruned model's
+  parameter count, one line per method across its ratios.
+- `fig_equal_total` (Figure 5): P-R_N vs S_{M+N}, and the signed Δ of S_{M+N}
+  over P-R_N (greyed when marked `~`).
+Error bars are the seed std-dev when the study has several seeds.
 """
 
 from __future__ import annotations
@@ -19,16 +33,51 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from maxprune.errors import MaxpruneError
 from maxprune.model.model_dir import commit_dir, staging_dir
-from maxprune.study.plan import Plan, Run, fmt_tokens
+from maxprune.study.plan import Plan, Run, Variant, fmt_tokens
 from maxprune.study.runner import read_status
+
+TILDE_NOTE = ("Δ marked `~`: |Δ| is within the largest of either side's evaluation std-dev (lm-eval stderr) "
+              "and seed std-dev (the paper's grey cells).")
+SEEDS_NOTE = "Cells with several seeds are mean ± sample std-dev over seeds; a Δ is the difference of the means."
+COLORS = {"P-R_N": "#8e6bbf", "S_N": "#2b5d9c", "S_M+N": "#7fb3e6", "within": "#b0b0b0"}
+
 
 def lower_is_better(column: str) -> bool:
     return column == "loss" or column.startswith("ppl_")
+
+
+# ----------------------------------------------------------------- lookup
+def roles(run: Run) -> tuple[tuple[str, int], ...]:
+    """The (baseline, N) pairs a scratch run serves, e.g. (("S_N", 250B), ("S_M+N", 50B))."""
+    if "roles" in run.extra:
+        return tuple((baseline, int(n)) for baseline, n in run.extra["roles"])
+    return ((run.extra["baseline"], int(run.extra["retrain_tokens"])),)
+
+
+def scratch_runs(plan: Plan, variant: Variant, baseline: str, n: int) -> list[Run]:
+    """Every seed of the scratch baseline `baseline` ("S_N" or "S_M+N") of retraining budget `n`."""
+    return [r for r in plan.runs if r.kind == "scratch" and _same(r.variant, variant)
+            and (baseline, int(n)) in roles(r)]
+
+
+def retrain_runs(plan: Plan, variant: Variant, parent: str, n: int) -> list[Run]:
+    """Every seed of {parent}-R{n}.{variant}."""
+    return [r for r in plan.runs if r.kind == "retrain" and _same(r.variant, variant)
+            and r.parent == parent and r.nominal == n]
+
+
+def _same(a: Variant | None, b: Variant) -> bool:
+    return a is not None and a.id == b.id
+
+
+def is_seeded(plan: Plan) -> bool:
+    return len({r.seed for r in plan.runs if r.kind in ("retrain", "scratch")}) > 1
 
 
 # ------------------------------------------------------------------- rows
@@ -42,6 +91,27 @@ def collect(plan: Plan, status: dict) -> dict[str, dict]:
     return rows
 
 
+def aggregate(evals: list[dict]) -> dict | None:
+    """A run group's row over its seeds: mean values, mean eval stds, seed std-devs (ddof=1), seed count."""
+    if not evals:
+        return None
+    values, stds, seed_stds = {}, {}, {}
+    for column in dict.fromkeys(c for e in evals for c in e["values"]):
+        xs = [e["values"][column] for e in evals if column in e["values"]]
+        values[column] = statistics.fmean(xs)
+        if len(xs) > 1:
+            seed_stds[column] = statistics.stdev(xs)
+        es = [e["stds"][column] for e in evals if column in e.get("stds", {})]
+        if es:
+            stds[column] = statistics.fmean(es)
+    return {"values": values, "stds": stds, "seed_stds": seed_stds, "seeds": len(evals)}
+
+
+def group(rows: dict[str, dict], runs: list[Run]) -> dict | None:
+    """The aggregate of the evaluated runs among `runs` (None when none is evaluated)."""
+    return aggregate([rows[r.name] for r in runs if r.name in rows])
+
+
 def columns_of(rows: dict[str, dict]) -> list[str]:
     seen: dict[str, None] = {}
     for row in rows.values():
@@ -51,52 +121,72 @@ def columns_of(rows: dict[str, dict]) -> list[str]:
     return sorted(seen, key=lambda c: (order(c), list(seen).index(c)))
 
 
+def noise(row: dict, column: str) -> float:
+    """The larger of the row's evaluation std-dev and its seed std-dev on `column` (0 when neither is known)."""
+    return max(row["stds"].get(column, 0.0), row.get("seed_stds", {}).get(column, 0.0))
+
+
 def delta(base: dict, other: dict, column: str, advantage_of_other: bool) -> tuple[float, bool] | None:
-    """Δ on `column` as the advantage of `other` over `base` (or of base over other); within-std flag."""
+    """Δ of the means on `column` as the advantage of `other` over `base` (or of base over other); within-noise flag."""
     if column not in base["values"] or column not in other["values"]:
         return None
     a, b = base["values"][column], other["values"][column]
     gain = (a - b) if lower_is_better(column) else (b - a)  # other's advantage
     value = gain if advantage_of_other else -gain
-    std = max(base["stds"].get(column, 0.0), other["stds"].get(column, 0.0))
+    std = max(noise(base, column), noise(other, column))
     return value, std > 0 and abs(value) <= std
 
 
 # ----------------------------------------------------------------- tables
 class Table:
-    def __init__(self, title: str, columns: list[str]):
-        self.title, self.columns, self.rows = title, columns, []
+    """Rows of run groups and Δs; `seeded` adds a seeds column, "mean ± std" cells and `<column>_std` CSV columns."""
 
-    def add(self, group: str, label: str, cells: dict[str, str]) -> None:
-        self.rows.append((group, label, cells))
+    def __init__(self, title: str, columns: list[str], seeded: bool = False):
+        self.title, self.columns, self.seeded = title, columns, seeded
+        self.rows: list[tuple[str, str, dict[str, str]]] = []      # Markdown cells
+        self.csv_rows: list[tuple[str, str, dict[str, str]]] = []  # CSV cells
+
+    def add_run(self, group_name: str, label: str, row: dict) -> None:
+        cells, csv_cells = {}, {}
+        for c in self.columns:
+            if c not in row["values"]:
+                continue
+            mean, std = _fmt(c, row["values"][c]), row.get("seed_stds", {}).get(c)
+            cells[c] = mean if std is None or not self.seeded else f"{mean} ± {_fmt(c, std)}"
+            csv_cells[c] = mean
+            csv_cells[f"{c}_std"] = "" if std is None else _fmt(c, std)
+        if self.seeded:
+            cells["seeds"] = csv_cells["seeds"] = str(row.get("seeds", 1))
+        self._append(group_name, label, cells, csv_cells)
+
+    def add_delta(self, group_name: str, label: str, base: dict, other: dict, advantage_of_other: bool) -> None:
+        cells = {}
+        for c in self.columns:
+            d = delta(base, other, c, advantage_of_other)
+            if d is not None:
+                cells[c] = ("~" if d[1] else "") + _fmt(c, d[0], signed=True)
+        self._append(group_name, label, cells, dict(cells))
+
+    def _append(self, group_name: str, label: str, cells: dict, csv_cells: dict) -> None:
+        self.rows.append((group_name, label, cells))
+        self.csv_rows.append((group_name, label, csv_cells))
 
     def markdown(self) -> str:
-        head = ["variant", "run", *self.columns]
+        head = ["variant", "run", *(["seeds"] if self.seeded else []), *self.columns]
         out = [f"### {self.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for group, label, cells in self.rows:
-            out.append("| " + " | ".join([group, label] + [cells.get(c, "") for c in self.columns]) + " |")
+        for group_name, label, cells in self.rows:
+            out.append("| " + " | ".join([group_name, label] + [cells.get(c, "") for c in head[2:]]) + " |")
         return "\n".join(out) + "\n"
 
     def csv(self) -> str:
+        keys = [*(["seeds"] if self.seeded else []),
+                *(k for c in self.columns for k in ((c, f"{c}_std") if self.seeded else (c,)))]
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["variant", "run", *self.columns])
-        for group, label, cells in self.rows:
-            writer.writerow([group, label] + [cells.get(c, "") for c in self.columns])
+        writer.writerow(["variant", "run", *keys])
+        for group_name, label, cells in self.csv_rows:
+            writer.writerow([group_name, label] + [cells.get(k, "") for k in keys])
         return buf.getvalue()
-
-
-def _cells(row: dict, columns: list[str]) -> dict[str, str]:
-    return {c: _fmt(c, row["values"][c]) for c in columns if c in row["values"]}
-
-
-def _delta_cells(base: dict, other: dict, columns: list[str], advantage_of_other: bool) -> dict[str, str]:
-    cells = {}
-    for c in columns:
-        d = delta(base, other, c, advantage_of_other)
-        if d is not None:
-            cells[c] = ("~" if d[1] else "") + _fmt(c, d[0], signed=True)
-    return cells
 
 
 def _fmt(column: str, value: float, signed: bool = False) -> str:
@@ -106,94 +196,89 @@ def _fmt(column: str, value: float, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def _find(plan: Plan, rows: dict, **match) -> tuple[Run, dict] | tuple[None, None]:
-    for run in plan.runs:
-        if all(getattr(run, k) == v if k != "baseline" else run.extra.get("baseline") == v
-               for k, v in match.items()) and run.name in rows and run.seed == plan_first_seed(plan):
-            return run, rows[run.name]
-    return None, None
-
-
-def plan_first_seed(plan: Plan) -> int:
-    return min((r.seed for r in plan.runs), default=0)
+def _parent(plan: Plan) -> str:
+    return plan.runs[0].name
 
 
 def prune_vs_scratch(plan: Plan, rows: dict, columns: list[str]) -> Table:
     table = Table("Pruning + retraining vs. training from scratch (paper Tables 2/16; Δ = scratch's advantage)",
-                  columns)
-    parent = plan.runs[0].name
+                  columns, is_seeded(plan))
+    parent = _parent(plan)
     for variant in _variants(plan):
+        name = _name(plan, variant)
         for n in plan.retrain_tokens:
-            _, p = _find(plan, rows, kind="retrain", variant=variant, parent=parent, nominal=n)
+            p = group(rows, retrain_runs(plan, variant, parent, n))
             if p is None:
                 continue
-            table.add(variant.label, f"{parent}-R{fmt_tokens(n)}", _cells(p, columns))
+            table.add_run(name, f"{parent}-R{fmt_tokens(n)}", p)
             for baseline, tokens in (("S_N", n), ("S_M+N", plan.pretrain_tokens + n)):
-                run, s = _find(plan, rows, kind="scratch", variant=variant, baseline=baseline, nominal=tokens)
+                s = group(rows, scratch_runs(plan, variant, baseline, n))
                 if s is None:
                     continue
-                name = f"S{fmt_tokens(tokens)}"
-                table.add(variant.label, name, _cells(s, columns))
-                table.add(variant.label, f"Δ {name} over {parent}-R{fmt_tokens(n)}",
-                          _delta_cells(p, s, columns, advantage_of_other=True))
+                label = f"S{fmt_tokens(tokens)}"
+                table.add_run(name, label, s)
+                table.add_delta(name, f"Δ {label} over {parent}-R{fmt_tokens(n)}", p, s,
+                                advantage_of_other=True)
     return table
 
 
 def token_scaling(plan: Plan, rows: dict, columns: list[str]) -> Table:
-    table = Table("Retraining-token scaling (paper Tables 12-15; Δ = pruned run's advantage)", columns)
-    parents = [r.name for r in plan.runs if r.kind in ("pretrain", "import")]
+    table = Table("Retraining-token scaling (paper Tables 12-15; Δ = pruned run's advantage)", columns,
+                  is_seeded(plan))
     for variant in _variants(plan):
+        name = _name(plan, variant)
         for n in plan.retrain_tokens:
-            _, s = _find(plan, rows, kind="scratch", variant=variant, baseline="S_N", nominal=n)
+            s = group(rows, scratch_runs(plan, variant, "S_N", n))
             if s is None:
                 continue
-            table.add(variant.label, f"S{fmt_tokens(n)}", _cells(s, columns))
-            for parent in parents:
-                _, p = _find(plan, rows, kind="retrain", variant=variant, parent=parent, nominal=n)
+            table.add_run(name, f"S{fmt_tokens(n)}", s)
+            for parent in _parents(plan):
+                p = group(rows, retrain_runs(plan, variant, parent, n))
                 if p is None:
                     continue
                 label = f"{parent}-R{fmt_tokens(n)}"
-                table.add(variant.label, label, _cells(p, columns))
-                table.add(variant.label, f"Δ {label} vs S{fmt_tokens(n)}",
-                          _delta_cells(s, p, columns, advantage_of_other=True))
+                table.add_run(name, label, p)
+                table.add_delta(name, f"Δ {label} vs S{fmt_tokens(n)}", s, p, advantage_of_other=True)
     return table
 
 
 def ratio_ablation(plan: Plan, rows: dict, columns: list[str]) -> Table:
-    table = Table("Pruning-ratio ablation (paper Table 11; Δ = pruned run's advantage)", columns)
-    by_method = defaultdict(list)
-    for variant in _variants(plan):
-        by_method[(variant.method, variant.pattern)].append(variant)
-    parent = plan.runs[0].name
-    for variants in by_method.values():
-        if len({v.ratio for v in variants}) < 2:
-            continue
-        for variant in sorted(variants, key=lambda v: v.ratio):
+    table = Table("Pruning-ratio ablation (paper Table 11; Δ = pruned run's advantage)", columns, is_seeded(plan))
+    parent = _parent(plan)
+    for variants in _ratio_methods(plan):
+        for variant in variants:
             for n in plan.retrain_tokens:
-                _, s = _find(plan, rows, kind="scratch", variant=variant, baseline="S_N", nominal=n)
-                _, p = _find(plan, rows, kind="retrain", variant=variant, parent=parent, nominal=n)
+                s = group(rows, scratch_runs(plan, variant, "S_N", n))
+                p = group(rows, retrain_runs(plan, variant, parent, n))
                 if s is None or p is None:
                     continue
-                group = f"{variant.label} {100 * variant.ratio:g}%"
-                table.add(group, f"S{fmt_tokens(n)}", _cells(s, columns))
-                table.add(group, f"{parent}-R{fmt_tokens(n)}", _cells(p, columns))
-                table.add(group, "Δ", _delta_cells(s, p, columns, advantage_of_other=True))
+                group_name = f"{variant.label} {100 * variant.ratio:g}%"
+                table.add_run(group_name, f"S{fmt_tokens(n)}", s)
+                table.add_run(group_name, f"{parent}-R{fmt_tokens(n)}", p)
+                table.add_delta(group_name, "Δ", s, p, advantage_of_other=True)
     return table
 
 
 def after_pruning(plan: Plan, rows: dict, columns: list[str]) -> Table:
-    table = Table("Right after pruning, before retraining (paper Table 10)", columns)
+    table = Table("Right after pruning, before retraining (paper Table 10)", columns)  # never repeated per seed
     for parent in (r for r in plan.runs if r.kind in ("pretrain", "import")):
         if parent.name in rows:
-            table.add(parent.name, "unpruned", _cells(rows[parent.name], columns))
+            table.add_run(parent.name, "unpruned", aggregate([rows[parent.name]]))
         for run in plan.runs:
             if run.kind == "prune" and run.parent == parent.name and run.name in rows:
-                table.add(parent.name, run.variant.label + f" {100 * run.variant.ratio:g}%",
-                          _cells(rows[run.name], columns))
+                table.add_run(parent.name, run.variant.label + f" {100 * run.variant.ratio:g}%",
+                              aggregate([rows[run.name]]))
     return table
 
 
-def _variants(plan: Plan):
+def _name(plan: Plan, variant: Variant) -> str:
+    """The variant's row label; with the ratio when the study has the same method at several ratios."""
+    if any(v.label == variant.label and v.ratio != variant.ratio for v in _variants(plan)):
+        return f"{variant.label} {100 * variant.ratio:g}%"
+    return variant.label
+
+
+def _variants(plan: Plan) -> list[Variant]:
     seen = {}
     for run in plan.runs:
         if run.variant is not None:
@@ -201,76 +286,215 @@ def _variants(plan: Plan):
     return list(seen.values())
 
 
+def _parents(plan: Plan) -> list[str]:
+    return [r.name for r in plan.runs if r.kind in ("pretrain", "import")]
+
+
+def _ratio_methods(plan: Plan) -> list[list[Variant]]:
+    """Per (method, pattern) with several ratios, its variants by ratio (the Table 11 ablation)."""
+    by_method = defaultdict(list)
+    for variant in _variants(plan):
+        by_method[(variant.method, variant.pattern)].append(variant)
+    return [sorted(vs, key=lambda v: v.ratio) for vs in by_method.values() if len({v.ratio for v in vs}) > 1]
+
+
 # ---------------------------------------------------------------- figures
 def figures(plan: Plan, rows: dict, out: Path) -> list[Path]:
+    """Figures 1, 3, 4 and 5 (each PNG and SVG) under `out`; the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    columns = columns_of(rows)
+    loss = "loss" if "loss" in columns else next((c for c in columns if c.startswith("ppl_")), None)
+    acc = "acc_avg" if "acc_avg" in columns else None
+    panels = [m for m in (loss, acc) if m is not None]
+    headline = acc or loss or columns[0]  # Figures 1 and 5 plot one metric, accuracy as the paper does
+    seeded = is_seeded(plan)
     written = []
-    parent = plan.runs[0].name
-    metric = "acc_avg" if any("acc_avg" in r["values"] for r in rows.values()) else "loss"
-    # Figures 1/5: per variant, P-R_N vs S_N vs S_{M+N} at the largest common N.
-    labels, groups = [], defaultdict(list)
-    for variant in _variants(plan):
-        n = max(plan.retrain_tokens)
-        for n in sorted(plan.retrain_tokens, reverse=True):
-            if _find(plan, rows, kind="retrain", variant=variant, parent=parent, nominal=n)[1] is not None:
-                break
-        trio = [_find(plan, rows, kind="retrain", variant=variant, parent=parent, nominal=n)[1],
-                _find(plan, rows, kind="scratch", variant=variant, baseline="S_N", nominal=n)[1],
-                _find(plan, rows, kind="scratch", variant=variant, baseline="S_M+N",
-                      nominal=plan.pretrain_tokens + n)[1]]
-        if trio[0] is None:
-            continue
-        labels.append(f"{variant.label}\n{100 * variant.ratio:g}% R{fmt_tokens(n)}")
-        for key, row in zip(("P-R_N", "S_N", "S_M+N"), trio):
-            groups[key].append(row["values"].get(metric, math.nan) if row else math.nan)
-    if labels:
-        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4))
-        width = 0.27
-        for i, (key, color) in enumerate((("P-R_N", "#8e6bbf"), ("S_N", "#2b5d9c"), ("S_M+N", "#7fb3e6"))):
-            ax.bar([x + (i - 1) * width for x in range(len(labels))], groups[key], width, label=key, color=color)
-        ax.set_xticks(range(len(labels)), labels, fontsize=8)
-        ax.set_ylabel(_axis_label(metric))
-        ax.set_title("Pruning + retraining vs. scratch (equal training tokens, equal total tokens)")
-        ax.legend()
-        written += _save(fig, out / "fig_prune_vs_scratch")
-        plt.close(fig)
-    # Figure 3: metric vs retraining tokens N, per variant with more than one N.
-    for variant in _variants(plan):
-        series = defaultdict(list)
-        for n in plan.retrain_tokens:
-            for key, (kind, extra) in {"S_N": ("scratch", {"baseline": "S_N", "tokens": n}),
-                                       **{f"{p.name}-R_N": ("retrain", {"parent": p.name, "tokens": n})
-                                          for p in plan.runs if p.kind in ("pretrain", "import")}}.items():
-                row = _find(plan, rows, kind=kind, variant=variant, **extra)[1]
-                if row is not None and metric in row["values"]:
-                    series[key].append((n, row["values"][metric]))
-        if max((len(v) for v in series.values()), default=0) < 2:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for key, points in series.items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
-        ax.set_xscale("log")
-        ax.set_xlabel("retraining tokens N")
-        ax.set_ylabel(_axis_label(metric))
-        ax.set_title(f"{variant.label} {100 * variant.ratio:g}%")
-        ax.legend()
-        written += _save(fig, out / f"fig_token_scaling_{variant.id}")
-        plt.close(fig)
+    for draw in (lambda: fig_prune_vs_scratch(plt, plan, rows, headline, seeded, out),
+                 lambda: fig_token_scaling(plt, plan, rows, panels, seeded, out),
+                 lambda: fig_gain_vs_size(plt, plan, rows, panels, seeded, out),
+                 lambda: fig_equal_total(plt, plan, rows, headline, seeded, out)):
+        written += draw()
     return written
 
 
+def _trio(plan: Plan, rows: dict, variant: Variant, n: int) -> dict[str, dict | None]:
+    return {"P-R_N": group(rows, retrain_runs(plan, variant, _parent(plan), n)),
+            "S_N": group(rows, scratch_runs(plan, variant, "S_N", n)),
+            "S_M+N": group(rows, scratch_runs(plan, variant, "S_M+N", n))}
+
+
+def _pick_budget(plan: Plan, rows: dict, variant: Variant, metric: str, need: tuple[str, ...],
+                 fallback: bool) -> tuple[int, dict] | None:
+    """The largest N at which every run group in `need` has `metric` (else, with `fallback`, where P-R_N has it)."""
+    has = lambda g: g is not None and metric in g["values"]
+    trios = [(n, _trio(plan, rows, variant, n)) for n in sorted(plan.retrain_tokens, reverse=True)]
+    for n, trio in trios:
+        if all(has(trio[k]) for k in need):
+            return n, trio
+    return next(((n, t) for n, t in trios if has(t["P-R_N"])), None) if fallback else None
+
+
+def _value(g: dict | None, metric: str) -> float:
+    return g["values"].get(metric, math.nan) if g else math.nan
+
+
+def _spread(g: dict | None, metric: str) -> float:
+    return g.get("seed_stds", {}).get(metric, math.nan) if g else math.nan
+
+
+def _bar_label(variant: Variant, n: int) -> str:
+    return f"{variant.label}\n{100 * variant.ratio:g}% R{fmt_tokens(n)}"
+
+
+def fig_prune_vs_scratch(plt, plan: Plan, rows: dict, metric: str, seeded: bool, out: Path) -> list[Path]:
+    """Figure 1: per variant, P-R_N vs S_N vs S_{M+N} at the largest N that has all three."""
+    keys = ("P-R_N", "S_N", "S_M+N")
+    labels, trios = [], []
+    for variant in _variants(plan):
+        picked = _pick_budget(plan, rows, variant, metric, keys, fallback=True)
+        if picked is not None:
+            labels.append(_bar_label(variant, picked[0]))
+            trios.append(picked[1])
+    if not labels:
+        return []
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4))
+    width = 0.27
+    for i, key in enumerate(keys):
+        ax.bar([x + (i - 1) * width for x in range(len(labels))], [_value(t[key], metric) for t in trios], width,
+               yerr=[_spread(t[key], metric) for t in trios] if seeded else None, capsize=3, label=key,
+               color=COLORS[key])
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel(_axis_label(metric))
+    ax.set_title("Pruning + retraining vs. scratch: equal training tokens (S_N), equal total tokens (S_M+N)",
+                 fontsize=9)
+    _legend_above_bars(ax)
+    return _save(plt, fig, out / "fig_prune_vs_scratch")
+
+
+def fig_token_scaling(plt, plan: Plan, rows: dict, panels: list[str], seeded: bool, out: Path) -> list[Path]:
+    """Figure 3: per variant with several N, loss and average accuracy vs N for S_N and each parent's R_N."""
+    written = []
+    for variant in _variants(plan):
+        points = _scaling_points(plan, rows, variant)
+        if max(len(v) for v in points.values()) < 2:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+        for metric, ax in zip(panels, axes[0]):
+            for key, pts in points.items():
+                pts = [(n, g) for n, g in pts if metric in g["values"]]
+                if pts:
+                    ax.errorbar([float(n) for n, _ in pts], [_value(g, metric) for _, g in pts],
+                                yerr=[_spread(g, metric) for _, g in pts] if seeded else None,
+                                marker="o", capsize=3, label=key)
+            ax.set_xscale("log")
+            ax.minorticks_off()
+            ns = sorted({n for pts in points.values() for n, _ in pts})
+            ax.set_xticks([float(n) for n in ns], [fmt_tokens(n) for n in ns])
+            ax.set_xlabel("retraining tokens N")
+            ax.set_ylabel(_axis_label(metric))
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{variant.label} {100 * variant.ratio:g}%")
+        written += _save(plt, fig, out / f"fig_token_scaling_{variant.id}")
+    return written
+
+
+def _scaling_points(plan: Plan, rows: dict, variant: Variant) -> dict[str, list[tuple[int, dict]]]:
+    """Series name (S_N, {parent}-R_N) -> [(N, run group)] over the evaluated budgets."""
+    series = {"S_N": lambda n: scratch_runs(plan, variant, "S_N", n),
+              **{f"{p}-R_N": (lambda n, p=p: retrain_runs(plan, variant, p, n)) for p in _parents(plan)}}
+    return {key: [(n, g) for n in plan.retrain_tokens if (g := group(rows, runs_at(n))) is not None]
+            for key, runs_at in series.items()}
+
+
+def fig_gain_vs_size(plt, plan: Plan, rows: dict, panels: list[str], seeded: bool, out: Path) -> list[Path]:
+    """Figure 4: P-R_N's advantage over S_N vs the pruned model's parameter count, per method across its ratios."""
+    from matplotlib.ticker import EngFormatter
+    parent = _parent(plan)
+    lines = {}
+    for variants in _ratio_methods(plan):
+        for n in plan.retrain_tokens:
+            points = []
+            for variant in variants:
+                runs = retrain_runs(plan, variant, parent, n)
+                p, s = group(rows, runs), group(rows, scratch_runs(plan, variant, "S_N", n))
+                if p is not None and s is not None and runs[0].arch is not None:
+                    points.append((runs[0].arch.num_params(sparsity=runs[0].sparsity), p, s))
+            if len(points) > 1:
+                lines[f"{variants[0].label} N={fmt_tokens(n)}"] = points
+    if not lines:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for metric, ax in zip(panels, axes[0]):
+        for label, points in lines.items():
+            gains = [(size, delta(s, p, metric, advantage_of_other=True), p, s) for size, p, s in points]
+            gains = [(size, d[0], p, s) for size, d, p, s in gains if d is not None]
+            if not gains:
+                continue
+            # a difference of two seed means: the seed std-devs add in quadrature
+            yerr = [math.hypot(_spread(p, metric), _spread(s, metric)) for *_, p, s in gains] if seeded else None
+            ax.errorbar([float(g[0]) for g in gains], [g[1] for g in gains], yerr=yerr, marker="o", capsize=3, label=label)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.set_xlabel("parameters of the pruned model")
+        ax.set_ylabel(f"gain of P-R_N over S_N\n({_axis_label(metric)})")
+        ax.legend(fontsize=8)
+    fig.suptitle("Pruning's advantage over scratch (same N) vs. model size")
+    return _save(plt, fig, out / "fig_gain_vs_size")
+
+
+def fig_equal_total(plt, plan: Plan, rows: dict, metric: str, seeded: bool, out: Path) -> list[Path]:
+    """Figure 5: per variant, P-R_N vs S_{M+N} bars over a panel of Δ(S_{M+N} over P-R_N), greyed within noise."""
+    labels, pairs = [], []
+    for variant in _variants(plan):
+        picked = _pick_budget(plan, rows, variant, metric, ("P-R_N", "S_M+N"), fallback=False)
+        if picked is not None:
+            labels.append(_bar_label(variant, picked[0]))
+            pairs.append((picked[1]["P-R_N"], picked[1]["S_M+N"]))
+    if not labels:
+        return []
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 1.3 * len(labels)), 6), sharex=True,
+                                      gridspec_kw={"height_ratios": (2, 1)})
+    width, xs = 0.38, range(len(labels))
+    for i, key in enumerate(("P-R_N", "S_M+N")):
+        top.bar([x + (i - 0.5) * width for x in xs], [_value(pair[i], metric) for pair in pairs], width,
+                yerr=[_spread(pair[i], metric) for pair in pairs] if seeded else None, capsize=3, label=key,
+                color=COLORS[key])
+    top.set_ylabel(_axis_label(metric))
+    top.set_title("Equal total tokens: pruning + retraining vs. scratch on M+N tokens", fontsize=9)
+    _legend_above_bars(top)
+    deltas = [delta(p, s, metric, advantage_of_other=True) for p, s in pairs]
+    colors = [COLORS["within"] if within else COLORS["S_M+N" if d > 0 else "P-R_N"] for d, within in deltas]
+    bottom.bar(xs, [d for d, _ in deltas], 0.5, color=colors)
+    for x, (d, within) in zip(xs, deltas):
+        bottom.annotate(("~" if within else "") + _fmt(metric, d, signed=True), (x, d), ha="center",
+                        va="bottom" if d >= 0 else "top", fontsize=8)
+    bottom.axhline(0, color="black", linewidth=0.8)
+    bottom.margins(y=0.3)  # room for the value labels
+    bottom.set_ylabel("Δ S_M+N over P-R_N\n(> 0: scratch better)")
+    bottom.set_xticks(list(xs), labels, fontsize=8)
+    return _save(plt, fig, out / "fig_equal_total")
+
+
+def _legend_above_bars(ax) -> None:
+    ax.margins(y=0.15)
+    ax.legend(ncol=3, loc="upper left", fontsize=8)
+
+
 def _axis_label(metric: str) -> str:
-    return "average accuracy (%)" if metric == "acc_avg" else "validation loss"
+    if metric.startswith("ppl_"):
+        return f"perplexity ({metric[4:]})"
+    return {"acc_avg": "average accuracy (%)", "loss": "validation loss"}.get(metric, metric)
 
 
-def _save(fig, stem: Path) -> list[Path]:
+def _save(plt, fig, stem: Path) -> list[Path]:
     fig.tight_layout()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
     for path in paths:
         fig.savefig(path, dpi=130)
+    plt.close(fig)
     return paths
 
 
@@ -293,7 +517,8 @@ def write_report(cfg, root: str | Path, plan: Plan | None = None) -> list[Path]:
     out = root / "report"
     tmp = staging_dir(out)  # written whole, then renamed: a killed report never looks complete
     written = []
-    markdown = [f"# Study {cfg.study.name}", ""]
+    notes = TILDE_NOTE + (" " + SEEDS_NOTE if is_seeded(plan) else "")
+    markdown = [f"# Study {cfg.study.name}", "", notes, ""]
     for table in tables:
         path = tmp / f"{_stem(table)}.csv"
         path.write_text(table.csv())
