@@ -100,6 +100,7 @@ def _train_section() -> dict[str, Any]:
         "lr": 3e-4,
         "lr_sweep": placeholder(tuple),   # e.g. (1e-5, 3e-5, 1e-4, 3e-4, 1e-3): prefix runs, lowest loss wins
         "sweep_fraction": 0.1,            # prefix length of each sweep run, as a fraction of the steps
+        "sweep_schedule": "compressed",   # a sweep run's LR schedule: "compressed" (its own) or "prefix" (cut)
         "warmup_ratio": 0.05,
         "min_lr_ratio": 0.1,
         "b1": 0.9,
@@ -145,6 +146,8 @@ def _check_train(cfg: ConfigDict) -> None:
         raise MaxpruneError(f"train.lr_sweep={t.lr_sweep} must be a non-empty list of positive LRs")
     if not 0 < t.sweep_fraction <= 1:
         raise MaxpruneError(f"train.sweep_fraction={t.sweep_fraction} must be in (0, 1]")
+    if t.sweep_schedule not in ("compressed", "prefix"):
+        raise MaxpruneError(f"train.sweep_schedule={t.sweep_schedule!r} must be 'compressed' or 'prefix'")
     if not 0 <= t.warmup_ratio < 1 or not 0 <= t.min_lr_ratio <= 1:
         raise MaxpruneError(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1) and "
                             f"train.min_lr_ratio={t.min_lr_ratio} in [0, 1]")
@@ -175,8 +178,14 @@ def _study_section() -> dict[str, Any]:
         "variants": (),                   # ({"method": "wanda", "pattern": "2:4", "ratio": 0.5, ...}, ...)
         "imported": {},                   # name -> model dir of an imported parent (Ext-R_N runs)
         "seeds": (0,),                    # retraining and scratch runs repeat per seed
-        "sheared_tokens": "0.4B",         # Sheared LLaMA's mask-learning budget (the paper's ~0.4B)
+        "sheared_tokens": placeholder(str),  # Sheared LLaMA's mask-learning budget (default: its method settings')
         "eval_pruned": True,              # evaluate pruned models before retraining (Table 10)
+        "method_settings": "paper",       # "paper": each method's paper settings (maxprune.prune.paper) under the
+                                          # study's prune section; "study": the study's prune section alone
+        "calibration": {},                # corpus name (maxprune.prune.paper.CORPORA) -> source spec; a corpus not
+                                          # named here calibrates on prune.calibration, else data.train
+        "merge_scratch": True,            # one run where an S_N and an S_{M+N} budget coincide (the paper's S250)
+        "require_validation": False,      # `study run` refuses without data.validation (the paper's DCLM loss)
     }
 
 
@@ -188,6 +197,9 @@ def _check_study(cfg: ConfigDict) -> None:
     for name in s.imported:
         check_name(name, "study.imported name")
     parse_tokens(s.pretrain_tokens)
+    _check_choice("study.method_settings", s.method_settings, ("paper", "study"))
+    if s.sheared_tokens is not None:
+        parse_tokens(s.sheared_tokens)
     if s.retrain_from is not None:
         parse_tokens(s.retrain_from)
     for n in s.retrain_tokens:
@@ -256,6 +268,18 @@ def load_config(spec: str | None, overrides: Sequence[str] = ()) -> ConfigDict:
     validate(cfg)
     # lock() only stops new keys; freezing also stops silent changes after validation.
     return ml_collections.FrozenConfigDict(cfg)
+
+
+def override(cfg, changes: Mapping[str, Any], source: str = "derived by the study") -> ml_collections.FrozenConfigDict:
+    """A validated, frozen copy of `cfg` with dotted-key `changes` applied through the same type checks as
+    ``--config.a.b=VALUE`` (a section given as a mapping sets each of its keys)."""
+    import copy
+    # deepcopy: FrozenConfigDict.as_configdict() shares its nodes between calls
+    mutable = copy.deepcopy(cfg.as_configdict() if hasattr(cfg, "as_configdict") else ConfigDict(cfg))
+    for key, value in changes.items():
+        _assign(mutable, key, value, f"({source})")
+    validate(mutable)
+    return ml_collections.FrozenConfigDict(mutable)
 
 
 def arch_from_config(cfg: ConfigDict) -> Arch:
@@ -356,7 +380,7 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
 
 
 # Mappings whose entries the user names (e.g. budgets): str -> str, replaced or extended freely.
-OPEN_MAPPINGS = frozenset({"data.budgets", "study.imported"})
+OPEN_MAPPINGS = frozenset({"data.budgets", "study.imported", "study.calibration"})
 
 
 def _assign_open(cfg: ConfigDict, key: str, value: Any, source: str, raw: str | None) -> bool:

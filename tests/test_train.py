@@ -211,6 +211,111 @@ def test_lr_sweep_picks_the_lowest_loss(tmp_path, tiny_corpus):
     assert all(row["prefix_steps"] == 8 for row in table["table"])  # half of 16 steps
 
 
+# The paper's ratios: a 2 % prefix of a 782-step run is 16 steps, inside its 40-step warmup (5 %).
+PAPER_SWEEP = ("--config.train.tokens=200K", "--config.data.allow_repeat=True", "--config.train.sweep_fraction=0.02",
+               "--config.train.warmup_ratio=0.05", "--config.train.min_lr_ratio=0.1")
+
+
+def _warmup_cosine(peak, total, warmup, floor_ratio, steps):
+    """The recipe's LR at 0-based update `steps`, in NumPy: linear warmup, then cosine to floor_ratio * peak."""
+    i = np.asarray(steps, np.float64)
+    cos = floor_ratio * peak + (1 - floor_ratio) * peak * 0.5 * (1 + np.cos(np.pi * (i - warmup) / (total - warmup)))
+    return np.where(i < warmup, peak * i / warmup, cos)
+
+
+def _trial_rows(trial_dir):
+    rows = read_metrics(trial_dir, "train")
+    return [r["step"] for r in rows], np.array([r["lr"] for r in rows]), [r["loss"] for r in rows]
+
+
+def _tail_loss(losses):
+    return np.mean(losses[-max(1, len(losses) // 5):])
+
+
+def test_compressed_sweep_trials_reach_their_peak_and_decay(tmp_path, tiny_corpus):
+    cfg = _cfg(tiny_corpus, *PAPER_SWEEP, "--config.train.lr_sweep=(1e-4, 3e-3)")
+    chosen, _ = trainer.sweep(cfg, tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "sweep.json").read_text())
+    assert saved["schedule"] == "compressed"
+    tails = {}
+    for row in saved["table"]:
+        lr = row["lr"]
+        steps, lrs, losses = _trial_rows(tmp_path / "run" / "sweep" / "compressed" / f"lr_{lr:g}")
+        assert steps == list(range(1, 17)) and row["prefix_steps"] == row["schedule_steps"] == 16
+        # step k logs the LR of update k-1; the trial's own schedule: 1 warmup step of 16 (5 %)
+        np.testing.assert_allclose(lrs, _warmup_cosine(lr, 16, 1, 0.1, np.arange(16)), rtol=1e-5)
+        assert lrs.max() == pytest.approx(lr, rel=1e-6) and row["peak_lr"] == lrs.max()
+        assert 0.1 * lr < lrs[-1] < 0.11 * lr and row["final_lr"] == lrs[-1]  # cosine(14/15) above the floor
+        assert row["loss"] == pytest.approx(_tail_loss(losses), rel=1e-6) and row["diverged_at"] is None
+        tails[lr] = _tail_loss(losses)
+    assert chosen == saved["chosen_lr"] == min(tails, key=tails.get)
+    # this run dir's sweep is the compressed one: asking for the other schedule is refused
+    with pytest.raises(MaxpruneError, match=r"made with train.sweep_schedule='compressed', not 'prefix'"):
+        trainer.sweep(_cfg(tiny_corpus, *PAPER_SWEEP, "--config.train.lr_sweep=(1e-4, 3e-3)",
+                           "--config.train.sweep_schedule=prefix"), tmp_path / "run", progress=False)
+
+
+def test_prefix_sweep_trials_never_leave_the_warmup(tmp_path, tiny_corpus):
+    lr = 3e-3  # the compressed test's settings, one LR (its choice of the lowest loss is the same code)
+    cfg = _cfg(tiny_corpus, *PAPER_SWEEP, f"--config.train.lr_sweep=({lr},)", "--config.train.sweep_schedule=prefix")
+    _, (row,) = trainer.sweep(cfg, tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "sweep.json").read_text())["schedule"] == "prefix"
+    steps, lrs, losses = _trial_rows(tmp_path / "run" / "sweep" / f"lr_{lr:g}")  # the layout it always had
+    assert steps == list(range(1, 17)) and row["schedule_steps"] == 782
+    # the full run's schedule (40 warmup steps of 782), cut after 16: the trial never reaches its LR
+    np.testing.assert_allclose(lrs, _warmup_cosine(lr, 782, 40, 0.1, np.arange(16)), rtol=1e-5)
+    assert lrs.max() < lr and row["peak_lr"] == pytest.approx(15 / 40 * lr, rel=1e-6)
+    assert row["loss"] == pytest.approx(_tail_loss(losses), rel=1e-6)
+
+
+def test_a_stopped_sweep_trial_resumes_on_its_own_schedule(tmp_path, tiny_corpus):
+    stopping = _cfg(tiny_corpus, *PAPER_SWEEP, "--config.train.lr_sweep=(3e-3,)", "--config.train.stop_after_steps=10")
+    first = trainer.train(stopping, tmp_path / "run", progress=False)
+    trial = tmp_path / "run" / "sweep" / "compressed" / "lr_0.003"
+    assert first.status == "stopped" and first.steps == 10 and first.run_dir == trial
+    assert not (tmp_path / "run" / "sweep.json").exists()  # no choice from a trial cut short
+    chosen, table = trainer.sweep(stopping, tmp_path / "run", progress=False)  # the trial's last 6 steps
+    assert chosen == 3e-3 and table[0]["prefix_steps"] == 16
+    steps, lrs, _ = _trial_rows(trial)
+    assert steps == list(range(1, 17))
+    # across the resume at step 10 the trial kept its own 16-step schedule
+    np.testing.assert_allclose(lrs, _warmup_cosine(3e-3, 16, 1, 0.1, np.arange(16)), rtol=1e-5)
+    # its checkpoints hold that schedule: resuming them on the full run's is refused
+    with pytest.raises(MaxpruneError, match="schedule_steps: 16 vs now 782"):
+        trainer.run(stopping, trial, lr=3e-3, max_steps=16, write_model=False, progress=False)
+
+
+def test_a_diverging_sweep_trial_loses(tmp_path, tiny_corpus):
+    cfg = _cfg(tiny_corpus, "--config.train.tokens=4K", "--config.train.sweep_fraction=0.25",
+               "--config.train.lr_sweep=(1e-3, 1e12)")  # 4-step trials; 1e12 overflows the logits
+    chosen, table = trainer.sweep(cfg, tmp_path / "run", progress=False)
+    rows = {row["lr"]: row for row in table}
+    assert chosen == 1e-3 and rows[1e-3]["diverged_at"] is None and np.isfinite(rows[1e-3]["loss"])
+    assert 1 <= rows[1e12]["diverged_at"] <= 4 and np.isnan(rows[1e12]["loss"])
+    assert trainer.read_status(tmp_path / "run" / "sweep" / "compressed" / "lr_1e+12")["status"] == "diverged"
+
+
+def test_checkpoints_older_than_schedule_steps_resume_on_the_runs_own_schedule(tmp_path):
+    from maxprune.train.run_dir import check_resume
+    now = {"steps": 782, "lr": 3e-3, "schedule_steps": 782}
+    check_resume({"steps": 782, "lr": 3e-3}, now, tmp_path)  # no key: it spanned the run's steps
+    with pytest.raises(MaxpruneError, match="schedule_steps: 782 vs now 16"):
+        check_resume({"steps": 782, "lr": 3e-3}, {**now, "schedule_steps": 16}, tmp_path)
+
+
+def test_sweep_prefix_shorter_than_its_warmup_is_refused(tmp_path, tiny_corpus):
+    cfg = _cfg(tiny_corpus, "--config.train.tokens=4K", "--config.train.lr_sweep=(1e-3,)",
+               "--config.train.sweep_fraction=0.1", "--config.train.warmup_ratio=0.6")  # 2-step trials
+    with pytest.raises(MaxpruneError, match="gives 2-step sweep trials, too short to pass their 2-step warmup"):
+        trainer.sweep(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "sweep").exists()
+
+
+def test_bad_sweep_schedule_is_refused(tiny_corpus):
+    with pytest.raises(MaxpruneError, match=r"train.sweep_schedule='cosine' must be 'compressed' or 'prefix'"):
+        _cfg(tiny_corpus, "--config.train.sweep_schedule=cosine")
+
+
 # -------------------------------------------------------------- bad input
 def test_global_batch_not_divisible_by_data_parallel(tmp_path, tiny_corpus, devices8):
     cfg = _cfg(tiny_corpus, "--config.train.global_batch=12")  # fsdp fills the 8 devices

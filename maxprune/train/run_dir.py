@@ -21,19 +21,22 @@ from maxprune.train.step import TrainState
 
 MODEL_SUBDIR = "model"
 # Fingerprint fields that must not change when a run resumes.
-FINGERPRINT_KEYS = ("arch", "masks_hash", "init", "steps", "global_batch", "seq_len", "lr",
+FINGERPRINT_KEYS = ("arch", "masks_hash", "init", "steps", "global_batch", "seq_len", "lr", "schedule_steps",
                     "data_ranges", "seed", "microbatches")
 
 
 # ------------------------------------------------------------- fingerprint
-def fingerprint(cfg, s: Setup, lr: float) -> dict:
+def fingerprint(cfg, s: Setup, lr: float, schedule_steps: int | None = None) -> dict:
+    """`schedule_steps`: the steps the LR schedule spans (default: the run's; a compressed sweep trial's are fewer)."""
     return {"arch": s.arch.to_dict(), "masks_hash": masks_hash(s.masks), "init": cfg.train.init,
             "steps": s.steps, "global_batch": cfg.train.global_batch, "seq_len": s.seq_len, "lr": lr,
+            "schedule_steps": s.steps if schedule_steps is None else schedule_steps,
             "data_ranges": [list(r) for r in s.plan.ranges], "seed": cfg.seed,
             "microbatches": cfg.train.microbatches}
 
 
 def check_resume(saved: dict, current: dict, run_dir: Path) -> None:
+    saved = {"schedule_steps": saved.get("steps"), **saved}  # checkpoints older than the key: the run's own schedule
     for key in FINGERPRINT_KEYS:
         if saved.get(key) != current.get(key):
             if key == "arch":

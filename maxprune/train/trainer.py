@@ -50,8 +50,9 @@ from maxprune.train.setup import Setup, check, init_sharded, setup
 from maxprune.train.step import init_state, make_train_step
 from maxprune.train.validation import make_eval_fn, validation_loss, write_validation
 
-__all__ = ["FINGERPRINT_KEYS", "MODEL_SUBDIR", "Setup", "TrainResult", "check", "init_sharded", "make_eval_fn",
-           "masks_hash", "read_status", "run", "setup", "sweep", "train", "validation_loss"]
+__all__ = ["FINGERPRINT_KEYS", "MODEL_SUBDIR", "SWEEP_DIRS", "Setup", "SweepUnfinished", "TrainResult", "check",
+           "init_sharded", "make_eval_fn", "masks_hash", "read_status", "run", "setup", "sweep", "train",
+           "validation_loss"]
 
 
 @dataclasses.dataclass
@@ -69,15 +70,22 @@ class TrainResult:
 def train(cfg, run_dir: str | Path, progress: bool = True) -> TrainResult:
     """The `maxprune train` job: optional LR sweep, then the full run with the chosen LR."""
     lr = None
-    if cfg.train.lr_sweep:
-        lr, _ = sweep(cfg, run_dir, progress)
+    if cfg.train.lr_sweep and not _finished(read_status(run_dir), run_dir):  # a finished run needs no sweep
+        try:
+            lr, _ = sweep(cfg, run_dir, progress)
+        except SweepUnfinished as e:  # train.stop_after_steps ran out inside a trial
+            return e.result
     return run(cfg, run_dir, lr=lr, progress=progress)
 
 
 # --------------------------------------------------------------------- run
 def run(cfg, run_dir: str | Path, *, lr: float | None = None, max_steps: int | None = None,
-        write_model: bool = True, progress: bool = True) -> TrainResult:
+        schedule_steps: int | None = None, write_model: bool = True, progress: bool = True) -> TrainResult:
     """Train (or resume) the run in `run_dir` to its token budget, or to `max_steps` steps.
+
+    The LR schedule spans `schedule_steps` steps (default: the run's; a
+    compressed sweep trial passes its own prefix length). It is part of the
+    run's fingerprint, so a resume keeps the schedule it started with.
 
     One process at a time may train in a run dir (`maxprune.locks`). SIGTERM or
     SIGINT saves a checkpoint and raises `Stopped`; a non-finite loss or gradient
@@ -86,23 +94,28 @@ def run(cfg, run_dir: str | Path, *, lr: float | None = None, max_steps: int | N
     """
     run_dir = Path(run_dir).absolute()
     done = read_status(run_dir)
-    if done.get("status") == "complete" and (run_dir / MODEL_SUBDIR).exists():
+    if _finished(done, run_dir):
         return TrainResult(run_dir, run_dir / MODEL_SUBDIR, "complete", done["steps"], done["tokens_seen"],
                            done["lr"], done.get("final_loss"), done.get("validation_loss"))
     check(cfg)  # a mistake leaves nothing behind, not even the run dir
     with locks.dir_lock(run_dir, f"run dir {run_dir}"):
-        return _run_locked(cfg, run_dir, lr, max_steps, write_model, progress)
+        return _run_locked(cfg, run_dir, lr, max_steps, schedule_steps, write_model, progress)
 
 
-def _run_locked(cfg, run_dir: Path, lr, max_steps, write_model, progress) -> TrainResult:
+def _finished(status: dict, run_dir: Path) -> bool:
+    return status.get("status") == "complete" and (Path(run_dir) / MODEL_SUBDIR).exists()
+
+
+def _run_locked(cfg, run_dir: Path, lr, max_steps, schedule_steps, write_model, progress) -> TrainResult:
     lr = cfg.train.lr if lr is None else lr
     s = setup(cfg)
-    schedule = opt_lib.make_schedule(lr, s.steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
-    optimizer = opt_lib.make_optimizer(cfg.train, s.steps, lr)
+    schedule_steps = s.steps if schedule_steps is None else schedule_steps
+    schedule = opt_lib.make_schedule(lr, schedule_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
+    optimizer = opt_lib.make_optimizer(cfg.train, schedule_steps, lr)
     with sharding.use_mesh(s.mesh):
         state = init_state(s.params, optimizer)
         step_fn, state_sh = _compile_step(cfg, s, optimizer, schedule, state)
-    run_fingerprint = fingerprint(cfg, s, lr)
+    run_fingerprint = fingerprint(cfg, s, lr, schedule_steps)
     ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
                                  async_save=cfg.train.async_checkpoint)
     p_index, p_count = data_shard(s.mesh)
@@ -179,34 +192,89 @@ def _finish(cfg, s: Setup, run_dir: Path, state, lr: float, last_loss, signum, c
 
 
 # ------------------------------------------------------------------- sweep
+# Where each schedule's trials live: "prefix" keeps the layout it always had.
+SWEEP_DIRS = {"compressed": Path("sweep") / "compressed", "prefix": Path("sweep")}
+
+
+class SweepUnfinished(Exception):
+    """A trial stopped short of its prefix (`train.stop_after_steps`); `result` is its stopped run."""
+
+    def __init__(self, result: TrainResult):
+        super().__init__(f"sweep trial {result.run_dir} stopped at step {result.steps}")
+        self.result = result
+
+
 def sweep(cfg, run_dir: str | Path, progress: bool = True) -> tuple[float, list[dict]]:
     """The paper's LR protocol: a short prefix run per LR, keep the lowest training loss.
 
-    Each prefix run is the first `train.sweep_fraction` of the full run's steps
-    (same schedule), in its own resumable dir under `run_dir/sweep/`. The
-    loss compared is the mean of the logged losses over the prefix's last 20 %.
+    Each trial trains the first `train.sweep_fraction` of the full run's steps
+    (its batches), in its own resumable dir under `run_dir/sweep/`. Under
+    `train.sweep_schedule="compressed"` a trial is a short run of its own:
+    warmup and cosine decay of the recipe's shape over the prefix, so every
+    trial reaches its peak LR. Under "prefix" it follows the full run's
+    schedule, cut after the prefix (inside the warmup for a short prefix). The
+    loss compared is the mean of the logged losses over the prefix's last 20 %;
+    a trial that diverges loses. A trial that `train.stop_after_steps` stops
+    short raises `SweepUnfinished` (no sweep.json yet: the next call resumes it).
     """
     run_dir = Path(run_dir).absolute()
+    kind = cfg.train.sweep_schedule
     table_file = run_dir / "sweep.json"
     if table_file.exists():
         saved = json.loads(table_file.read_text())
+        _check_saved_schedule(saved, kind, table_file)
         return saved["chosen_lr"], saved["table"]
     s = setup(cfg)
     prefix = max(1, math.ceil(s.steps * cfg.train.sweep_fraction))
-    table = []
-    for lr in cfg.train.lr_sweep:
-        sub = run_dir / "sweep" / f"lr_{lr:g}"
-        result = run(cfg, sub, lr=lr, max_steps=prefix, write_model=False, progress=progress)
-        losses = [r["loss"] for r in metrics_lib.read_metrics(sub, "train") if r["step"] <= prefix]
-        tail = losses[-max(1, len(losses) // 5):]
-        # Only process 0 writes metrics.jsonl: every process takes its number, so all pick one LR.
-        loss = float(multihost_utils.broadcast_one_to_all(np.float32(np.mean(tail) if tail else np.nan)))
-        table.append({"lr": lr, "prefix_steps": prefix, "loss": loss,
-                      "final_loss": result.final_loss})
+    schedule_steps = prefix if kind == "compressed" else s.steps
+    if kind == "compressed":
+        _check_prefix_passes_warmup(cfg, prefix)
+    table = [_trial(cfg, run_dir / SWEEP_DIRS[kind] / f"lr_{lr:g}", lr, prefix, schedule_steps, progress)
+             for lr in cfg.train.lr_sweep]
     finite = [row for row in table if math.isfinite(row["loss"])]
     if not finite:
         raise MaxpruneError(f"every LR of train.lr_sweep={list(cfg.train.lr_sweep)} diverged")
     chosen = min(finite, key=lambda row: row["loss"])["lr"]
     if jax.process_index() == 0:
-        table_file.write_text(json.dumps({"chosen_lr": chosen, "table": table}, indent=2) + "\n")
+        record = {"schedule": kind, "chosen_lr": chosen, "table": table}
+        table_file.write_text(json.dumps(record, indent=2) + "\n")
     return chosen, table
+
+
+def _trial(cfg, sub: Path, lr: float, prefix: int, schedule_steps: int, progress: bool) -> dict:
+    """One sweep trial's row: its tail loss, and the LRs it logged (peak and last)."""
+    diverged_at = final_loss = None
+    try:
+        result = run(cfg, sub, lr=lr, max_steps=prefix, schedule_steps=schedule_steps, write_model=False,
+                     progress=progress)
+        final_loss = result.final_loss
+        if result.steps < prefix:
+            raise SweepUnfinished(result)
+    except Diverged as e:
+        diverged_at = read_status(sub).get("steps")
+        if progress and jax.process_index() == 0:
+            print(f"maxprune: sweep lr={lr:g} diverged: {e}")
+    rows = [r for r in metrics_lib.read_metrics(sub, "train") if r["step"] <= prefix]
+    tail = [r["loss"] for r in rows][-max(1, len(rows) // 5):]
+    # Only process 0 writes metrics.jsonl: every process takes its number, so all pick one LR.
+    loss = np.nan if diverged_at is not None or not tail else np.mean(tail)
+    loss = float(multihost_utils.broadcast_one_to_all(np.float32(loss)))
+    lrs = [r["lr"] for r in rows]
+    return {"lr": lr, "prefix_steps": prefix, "schedule_steps": schedule_steps, "loss": loss,
+            "final_loss": final_loss, "peak_lr": max(lrs, default=None), "final_lr": lrs[-1] if lrs else None,
+            "diverged_at": diverged_at}
+
+
+def _check_prefix_passes_warmup(cfg, prefix: int) -> None:
+    warmup = opt_lib.warmup_steps(prefix, cfg.train.warmup_ratio)
+    if warmup >= prefix:  # the peak is applied at step `warmup` (0-based), past the trial's last
+        raise MaxpruneError(f"train.sweep_fraction={cfg.train.sweep_fraction} gives {prefix}-step sweep trials, "
+                            f"too short to pass their {warmup}-step warmup (train.warmup_ratio="
+                            f"{cfg.train.warmup_ratio}); raise train.sweep_fraction")
+
+
+def _check_saved_schedule(saved: dict, kind: str, table_file: Path) -> None:
+    made = saved.get("schedule", "prefix")  # sweep.json files older than the key were made with "prefix"
+    if made != kind:
+        raise MaxpruneError(f"{table_file} was made with train.sweep_schedule={made!r}, not {kind!r}: set "
+                            f"train.sweep_schedule={made!r} to keep this run, or use a new run dir")
