@@ -54,6 +54,18 @@ def test_metrics_hold_every_number(evaluated):
     assert m["tasks_info"]["max_length"] == 1024  # longer BoolQ passages are left-truncated, as in hf
     assert m["tasks_info"]["compilations"] <= 2 * len(m["tasks_info"]["buckets"])
     assert m["model"]["tokenizer"]["vocab_size"] == 300
+    protocol = m["protocol"]  # which protocol the numbers follow, in one place
+    assert protocol["name"] == "offline" and protocol["tasks"]["source"] == "offline"
+    assert protocol["perplexity"]["split"] == "test" and protocol["validation"].endswith("validation_ds")
+
+
+def test_protocol_names_the_papers():
+    from maxprune import config
+    paper = config.load_config("configs/study/paper.py").eval
+    assert summary.protocol(paper, "/data/dclm-val")["name"] == "paper"
+    assert summary.protocol(paper, None)["name"] == "custom"  # no validation loss: not the paper's protocol
+    offline = config.load_config("configs/eval/offline.py").eval
+    assert summary.protocol(offline, None)["name"] == "offline"
 
 
 def test_existing_metrics_need_overwrite(evaluated, capsys):

@@ -29,11 +29,14 @@ def test_paper_grid_has_exactly_the_papers_runs():
     plan = _paper_plan()
     kinds = Counter(r.kind for r in plan.runs)
     # P200 + Meta; 4 structured x 2 parents + 4 sparse x 2 parents + 6 ablation prunes;
-    # retrain: 4 x 5 N x 2 parents + 4 sparse + 6 ablation; scratch: 4 x (5 S_N + S250) + 4 x 2 + 6
-    assert kinds == {"pretrain": 1, "import": 1, "prune": 22, "retrain": 50, "scratch": 38}
+    # retrain: 4 x 5 N x 2 parents + 4 sparse + 6 ablation; scratch: 4 x 5 S_N (S250 is also S_{M+N} of
+    # N=50B, one run as in the paper) + 4 x (S50 + S250) + 6
+    assert kinds == {"pretrain": 1, "import": 1, "prune": 22, "retrain": 50, "scratch": 34}
     names = {r.name for r in plan.runs}
-    for variant in ("minitron_depth-r50", "minitron_width-r50", "flap-r50", "sheared_llama-r50",
-                    "wanda-2of4-r50", "wanda-u-r50", "sparsegpt-2of4-r50", "sparsegpt-u-r50"):
+    for variant in ("minitron_depth-r50", "minitron_width-r50", "flap-r50", "sheared_llama-r50"):
+        assert {f"P200B-R50B.{variant}", f"S50B.{variant}", f"S250B.{variant}"} <= names  # Tables 12-16
+        assert f"S250B-total.{variant}" not in names
+    for variant in ("wanda-2of4-r50", "wanda-u-r50", "sparsegpt-2of4-r50", "sparsegpt-u-r50"):
         assert {f"P200B-R50B.{variant}", f"S50B.{variant}", f"S250B-total.{variant}"} <= names  # Table 2/16
     for n in ("10B", "30B", "50B", "250B", "500B"):  # Tables 12-15
         assert {f"S{n}.flap-r50", f"P200B-R{n}.flap-r50", f"Meta-R{n}.flap-r50"} <= names
@@ -59,7 +62,7 @@ def test_paper_grid_budgets_and_shapes():
     width = plan["S50B.minitron_width-r50"].arch
     assert (width.hidden_size, width.ffn_size, width.num_heads) == (3072, 9216, 32)
     flap = plan["S50B.flap-r50"].arch
-    assert flap.num_heads in (16, 20, 24, 28, 32) and flap.num_kv_heads * 4 == flap.num_heads
+    assert (flap.num_heads, flap.num_kv_heads, flap.ffn_size) == (20, 5, 6656)
     layers = {r: plan[f"S50B.minitron_depth-r{r}"].arch.num_layers for r in ("62.5", "75", "81.25")}
     assert layers == {"62.5": 8, "75": 4, "81.25": 2}  # Table 11 / Table 1
 
@@ -155,10 +158,9 @@ def test_second_runner_on_the_same_study_is_refused(tmp_path):
 
 
 def test_derived_run_configs_do_not_leak_into_each_other():
-    from maxprune.study.runner import derive
     base = config.load_config(None)
-    retrain = derive(base, train__init="/runs/pruned")
-    scratch = derive(base, train__masks_from="/runs/pruned")
+    retrain = config.override(base, {"train.init": "/runs/pruned"})
+    scratch = config.override(base, {"train.masks_from": "/runs/pruned"})
     assert (base.train.init, retrain.train.init, scratch.train.init) == (None, "/runs/pruned", None)
     assert scratch.train.masks_from == "/runs/pruned" and retrain.train.masks_from is None
 

@@ -6,23 +6,24 @@ Usage::
         --config.prune.input=PARENT_DIR --config.prune.output=OUT_DIR \
         --config.prune.calibration=CALIBRATION [--overwrite]
 
-Without ``search`` the shape is Table 1's for Llama-3.1-8B: 20 heads (5 of 8
-KV groups) and FFN 6656 in every layer; with ``search`` every KV-group count
-from 4 to 8 is tried with the FFN that fills the ratio (Table 6) and the
-lowest calibration loss wins. 50 % counts the prunable weights (4.54 B left,
-as Wanda at 50 %). CALIBRATION: 128 x 8192 tokens of C4 in the paper.
+On a Llama-3.1-8B-shaped parent the shape is Table 1's: 20 heads (5 of 8 KV
+groups) and FFN 6656 in every layer. On any other parent it comes from the
+ratio (the median KV-group count of the admissible shapes, FFN filling the
+target; `maxprune.prune.shapes`). With ``search`` every KV-group count from half
+to all is tried with the FFN that fills the ratio (Table 6) and the lowest
+calibration loss wins. 50 % counts the prunable weights (4.54 B left, as Wanda
+at 50 %). CALIBRATION: 128 x 8192 tokens of C4 in the paper (random windows of
+long documents). Settings: `maxprune.prune.paper`; method notes: docs/methods.md.
 """
 
 import ml_collections
 
 from maxprune.config import config_arg
+from maxprune.prune import paper
 
 
 def get_config(arg=None):
     search = config_arg(arg, ("search",)) == "search"
-    flap = {"structure": "UL-MM", "metric": "WIFV", "ratio_of": "prunable"}
-    if not search:
-        flap.update(num_heads=20, ffn_size=6656)
-    prune = {"method": "flap", "ratio": 0.5, "n_samples": 128, "batch_size": 8,
-             "flap": flap, "search": {"enabled": search}}
-    return ml_collections.ConfigDict({"prune": prune, "model": {"dtype": "float32"}})
+    prune = paper.method_config("flap", 0.5)
+    prune["search"] = {"enabled": search}
+    return ml_collections.ConfigDict({"prune": prune, "model": {"dtype": paper.model_dtype("flap")}})

@@ -6,32 +6,28 @@ Usage::
         --config.prune.input=PARENT_DIR --config.prune.output=OUT_DIR \
         --config.prune.calibration=CALIBRATION [--overwrite]
 
-RATIO is one of the paper's: 0.5 (default), 0.625, 0.75, 0.813. Without
-``search`` the shape is Table 1's for Llama-3.1-8B (3072/9216, 2432/6144,
-1792/6016, 1536/4736 hidden/FFN, 32 heads); with ``search`` every admissible
-shape at the ratio (2h <= FFN <= 4h, multiples of 128; Appendix D.3) is pruned
-and scored by calibration loss, and the best kept. The paper's 50 % counts the
-prunable weights, 62.5-81.3 % all parameters (``ratio_of``; 81.3 % is 13/16).
-CALIBRATION: 1024 x 8192 tokens of WikiText-103 in the paper.
+RATIO is one of the paper's: 0.5 (default), 0.625, 0.75, 0.813. On a
+Llama-3.1-8B-shaped parent the shape is Table 1's (3072/9216, 2432/6144,
+1792/6016, 1536/4736 hidden/FFN, 32 heads); on any other parent the median
+admissible shape at the ratio (2h <= FFN <= 4h, sizes in multiples scaled to the
+model). With ``search`` every admissible shape at the ratio (Appendix D.3) is
+pruned and scored by calibration loss, and the best kept. The paper's 50 %
+counts the prunable weights, 62.5-81.3 % all parameters (``ratio_of``; 81.3 %
+is 13/16). CALIBRATION: the first 1024 windows of 8192 tokens of the joined
+WikiText-103 train stream in the paper (``calibration_sampling=stream``, set
+here). Settings: `maxprune.prune.paper`; method notes: docs/methods.md.
 """
 
 import ml_collections
 
 from maxprune.config import config_arg
-
-PAPER = {  # ratio label -> (ratio, ratio_of, Table 1 hidden, Table 1 FFN)
-    "0.5": (0.5, "prunable", 3072, 9216), "0.625": (0.625, "params", 2432, 6144),
-    "0.75": (0.75, "params", 1792, 6016), "0.813": (13 / 16, "params", 1536, 4736),
-}
+from maxprune.prune import paper
 
 
 def get_config(arg=None):
     label, _, mode = (arg or "0.5").partition(",")
-    ratio, ratio_of, hidden, ffn = PAPER[config_arg(label, list(PAPER))]
+    ratio = paper.RATIO_LABELS[config_arg(label, list(paper.RATIO_LABELS))]
     config_arg(mode or None, ("search",))
-    width = {"ratio_of": ratio_of}
-    if mode != "search":
-        width.update(hidden_size=hidden, ffn_size=ffn)
-    prune = {"method": "minitron_width", "ratio": ratio, "n_samples": 1024, "batch_size": 8,
-             "minitron_width": width, "search": {"enabled": mode == "search"}}
-    return ml_collections.ConfigDict({"prune": prune, "model": {"dtype": "float32"}})
+    prune = paper.method_config("minitron_width", ratio)
+    prune["search"] = {"enabled": mode == "search"}
+    return ml_collections.ConfigDict({"prune": prune, "model": {"dtype": paper.model_dtype("minitron_width")}})

@@ -18,9 +18,9 @@ halves the calibration activations' memory at some accuracy cost.
 
 import ml_collections
 
-from maxprune.prune.schema import sparse_prune_config
+from maxprune.prune import paper
 
 
 def get_config(arg=None):
-    prune = sparse_prune_config("sparsegpt", arg, sparsegpt={"blocksize": 128, "percdamp": 0.01})
-    return ml_collections.ConfigDict({"prune": prune, "model": {"dtype": "float32"}})
+    prune = paper.sparse_config("sparsegpt", arg)
+    return ml_collections.ConfigDict({"prune": prune, "model": {"dtype": paper.model_dtype("sparsegpt")}})

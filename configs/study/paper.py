@@ -5,7 +5,16 @@ released checkpoint) and retrains; scratch baselines train the pruned shape from
 random init on the same tokens (S_N) or on all 200B + N tokens (S_{M+N}).
 
     maxprune study plan --config configs/study/paper.py \\
-        --config.data.train=gs://bucket/dclm-llama3-8192 --config.study.imported.Meta=gs://bucket/llama31-8b
+        --config.data.train=gs://bucket/dclm-llama3-8192 --config.data.validation=gs://bucket/dclm-val-8192 \\
+        --config.study.imported.Meta=gs://bucket/llama31-8b
+    maxprune study plan --config configs/study/paper.py --resolved          # every prune run's shape and calibration
+    maxprune study plan --config configs/study/paper.py --show P200B.prune.flap-r50   # one run's whole config
+
+Each method runs with its paper settings (`maxprune.prune.paper`): Table 1's shapes,
+Appendix D.2's calibration (WikiText-103 for Minitron, C4 for FLAP/Wanda/SparseGPT,
+the training data for Sheared LLaMA; `study.calibration` maps the corpora to
+sources) and Sheared LLaMA's 3200 x 32 x 4096 mask learning. Evaluation follows
+Appendix E (hub tasks, train-split perplexity windows, DCLM validation loss).
 
 Runs: Table 2/16 (8 variants: P200-R50, S50, S250), Tables 12-15 (4 structured methods:
 S_N, P200-R_N, Meta-R_N for N in 10..500B), Table 11 (Minitron-D/W at 62.5-81.3 %:
@@ -13,6 +22,8 @@ P200-R50, S50) and Table 10 (every variant right after pruning, from both parent
 """
 
 from ml_collections import ConfigDict
+
+from maxprune.eval.perplexity import PAPER_CORPORA
 
 SCALING = "10B,30B,50B,250B,500B"
 STRUCTURED = ("minitron_depth", "minitron_width", "flap", "sheared_llama")
@@ -33,13 +44,20 @@ def get_config(arg=None):
         "model": {"preset": "llama3.1-8b", "dtype": "bfloat16", "remat": "dots_with_no_batch_dims_saveable"},
         "train": {"global_batch": 512, "lr_sweep": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3), "sweep_fraction": 0.02,
                   "checkpoint_every": 1000, "keep_checkpoints": 3, "eval_every": 5000},
-        "prune": {"n_samples": 128, "seq_len": 8192},
+        "eval": {  # Appendix E: lm-eval's own data (ARC, SciQ, OBQA test splits), 256 x 8192-token windows of
+                   # the train splits the paper's scripts read (WikiText-103 and -2 then differ, as in its tables)
+            "task_source": "hub",
+            "perplexity": {"corpora": ("c4", "wikitext103", "wikitext2", "cnn_dm"), "split": "train",
+                           "seq_len": 8192, "n_seqs": 256},
+        },
         "study": {
             "name": "paper",
             "pretrain_tokens": "200B",
             "retrain_tokens": tuple(SCALING.split(",")),
             "variants": variants(),
             "imported": {"Meta": "checkpoints/llama-3.1-8b"},
-            "sheared_tokens": "0.4B",
+            "method_settings": "paper",   # every method's Table 1 shape and Appendix D.2 calibration
+            "calibration": {name: PAPER_CORPORA[name][0].format(split="train") for name in ("wikitext103", "c4")},
+            "require_validation": True,   # the DCLM-loss column: data.validation = held-out DCLM sequences
         },
     })

@@ -20,16 +20,16 @@ def demo_config(cfg, all_variants: bool = False):
     """The mini study config with the builtin corpus's data dirs filled in (built on first use)."""
     from maxprune.data.builtin import builtin_corpus
     from maxprune.study import mini
-    from maxprune.study.runner import derive
+    from maxprune.config import override
 
     corpus = builtin_corpus(vocab_size=mini.VOCAB, seq_len=mini.SEQ_LEN, progress=False)
-    changes = dict(data__train=str(corpus.prepared_dirs["train"]),
-                   data__validation=str(corpus.prepared_dirs["validation"]),
-                   prune__calibration=str(corpus.prepared_dirs["train"]),
-                   eval__tokenizer=str(corpus.tokenizer_dir))
+    changes = {"data.train": str(corpus.prepared_dirs["train"]),
+               "data.validation": str(corpus.prepared_dirs["validation"]),
+               "prune.calibration": str(corpus.prepared_dirs["train"]),
+               "eval.tokenizer": str(corpus.tokenizer_dir)}
     if all_variants:
-        changes.update(study__variants=mini.DEFAULT + mini.MORE, study__name="mini-all")
-    return derive(cfg, **changes)
+        changes.update({"study.variants": mini.DEFAULT + mini.MORE, "study.name": "mini-all"})
+    return override(cfg, changes, "maxprune demo")
 
 
 def _run_demo(args, cfg) -> int:

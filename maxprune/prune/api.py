@@ -17,6 +17,7 @@ the method modules lazily so `maxprune --help` stays fast.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 from typing import Any, Callable
@@ -35,6 +36,13 @@ METHOD_MODULES = {
     "sheared_llama": "maxprune.prune.sheared",
 }
 SPARSE_METHODS = ("magnitude", "wanda", "sparsegpt")
+# structured method -> "module:function(parent_arch, prune_cfg) -> Arch", the shape it prunes to without a search
+SHAPE_FUNCTIONS = {
+    "minitron_depth": "maxprune.prune.shapes:depth_shape",
+    "minitron_width": "maxprune.prune.minitron:width_shape",
+    "flap": "maxprune.prune.flap:flap_shape",
+    "sheared_llama": "maxprune.prune.sheared_plan:target_shape",
+}
 
 
 @dataclasses.dataclass
@@ -70,6 +78,42 @@ def get_pruner(name: str) -> Pruner:
     return _REGISTRY[name]
 
 
+def resolve(cfg, parent: Arch):
+    """`cfg` (the prune section) with Table 1's shape filled in where it applies, and the shape's source.
+
+    See `maxprune.prune.paper.pin_shapes`: a Llama-3.1-8B-shaped parent with
+    ``prune.paper_shapes`` gets the paper's shape; any other parent keeps the
+    shape keys it was given, or none (the shape then comes from the ratio).
+    """
+    import ml_collections
+
+    from maxprune.prune import paper
+    pinned, source = paper.pin_shapes(cfg, parent)
+    if not pinned:
+        return cfg, source
+    # deepcopy: FrozenConfigDict.as_configdict() shares its nodes with the frozen original
+    mutable = copy.deepcopy(cfg.as_configdict() if hasattr(cfg, "as_configdict") else ml_collections.ConfigDict(cfg))
+    for key, value in pinned.items():
+        mutable[cfg.method][key] = value
+    return ml_collections.FrozenConfigDict(mutable), source
+
+
+def target_shape(parent: Arch, cfg) -> Arch | None:
+    """The Arch `cfg.method` prunes `parent` to: the parent for sparse methods, None when a search decides."""
+    if cfg.method in SPARSE_METHODS:
+        return parent
+    cfg, _ = resolve(cfg, parent)
+    if cfg.search.enabled:
+        return None
+    module, _, name = SHAPE_FUNCTIONS[cfg.method].partition(":")
+    shape = getattr(importlib.import_module(module), name)(parent, cfg)
+    return shape.replace(out_bias=True) if cfg.method == "flap" else shape
+
+
 def prune(params: dict, arch: Arch, calibration_NL, cfg) -> PruneResult:
-    """Run the pruner named by `cfg.method`."""
-    return get_pruner(cfg.method)(params, arch, calibration_NL, cfg)
+    """Run the pruner named by `cfg.method` (on the shape `resolve` gives); the report says where the shape came from."""
+    cfg, source = resolve(cfg, arch)
+    result = get_pruner(cfg.method)(params, arch, calibration_NL, cfg)
+    if cfg.method not in SPARSE_METHODS:
+        result.report.setdefault("summary", {})["shape_source"] = source
+    return result

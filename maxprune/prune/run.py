@@ -72,8 +72,10 @@ def prune_model_dir(cfg, overwrite: bool = False, progress: bool = True) -> Path
 def check_method(arch, p) -> None:
     """The method module's optional ``check(arch, prune_cfg)``: shape checks before calibration is built."""
     check = getattr(importlib.import_module(api.METHOD_MODULES[p.method]), "check", None)
+    resolved, _ = api.resolve(p, arch)
     if check is not None:
-        check(arch, p)
+        check(arch, resolved)
+    api.target_shape(arch, resolved)  # a shape that cannot be cut fails here, not after calibration
 
 
 def _paths(p) -> tuple[Path, Path]:
@@ -162,14 +164,18 @@ def _from_prepared(p, md: ModelDir, path: Path) -> tuple[np.ndarray, dict]:
 
 
 def _from_source(p, md: ModelDir, spec: str) -> tuple[np.ndarray, dict]:
-    from maxprune.data.calibration import calibration_windows
+    from maxprune.data.calibration import calibration_stream, calibration_windows
     tokenizer = model_tokenizer(md)
     if "tokenizer_hash" in md.provenance and md.provenance["tokenizer_hash"] != tokenizer.hash:
         raise MaxpruneError(f"model dir {md.path} ships tokenizer {tokenizer.hash[:8]} but its provenance "
                             f"says it was trained with {md.provenance['tokenizer_hash'][:8]}")
     seq_len = p.seq_len or DEFAULT_SEQ_LEN
-    tokens = calibration_windows(spec, tokenizer, p.n_samples, seq_len, p.seed)
-    return tokens, {"kind": "source", "source": spec, "tokenizer_hash": tokenizer.hash}
+    if p.calibration_sampling == "stream":
+        tokens = calibration_stream(spec, tokenizer, p.n_samples, seq_len)
+    else:
+        tokens = calibration_windows(spec, tokenizer, p.n_samples, seq_len, p.seed)
+    return tokens, {"kind": "source", "source": spec, "sampling": p.calibration_sampling,
+                    "tokenizer_hash": tokenizer.hash}
 
 
 def model_tokenizer(md: ModelDir):

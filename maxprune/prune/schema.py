@@ -13,6 +13,7 @@ from ml_collections.config_dict import placeholder
 from maxprune.errors import MaxpruneError
 
 NM_PATTERN = re.compile(r"(\d+):(\d+)")
+CALIBRATION_SAMPLING = ("random", "stream")
 
 
 def _sparsegpt() -> dict[str, Any]:
@@ -22,6 +23,7 @@ def _sparsegpt() -> dict[str, Any]:
 # Structured methods (see maxprune.prune.shapes for ratio_of / multiple).
 RATIO_OF = ("prunable", "params")  # prune.ratio of the seven prunable kernels (as sparsity) or of all params
 DEPTH_CRITERIA = ("loss", "block_influence")
+WIDTH_AGGREGATIONS = ("paper", "nemo")  # Minitron-width channel importance (maxprune.prune.minitron)
 FLAP_STRUCTURES = ("UL-MM", "UL-UM")  # AL-AM (global, non-uniform widths) is not implemented
 FLAP_METRICS = ("WIFV", "WIFN", "IFV")
 SEARCHABLE = ("minitron_width", "flap")  # methods with an architecture search (maxprune.prune.search)
@@ -34,7 +36,8 @@ def _minitron_depth() -> dict[str, Any]:
 
 
 def _minitron_width() -> dict[str, Any]:
-    return {"hidden_size": placeholder(int),     # target hidden size (or prune.search.enabled)
+    return {"aggregation": "paper",              # "paper": Σ_tokens x² (eq. 4); "nemo": Σ_samples (mean_t |x|)²
+            "hidden_size": placeholder(int),     # target hidden size (or prune.search.enabled)
             "ffn_size": placeholder(int),        # default: fills prune.ratio at that hidden size
             "num_heads": placeholder(int),       # query heads kept, evenly per KV group; default all (the paper)
             "ratio_of": "prunable",
@@ -87,6 +90,7 @@ def _check_structured(p) -> None:
 
     d, w, f = p.minitron_depth, p.minitron_width, p.flap
     choice("minitron_depth.criterion", d.criterion, DEPTH_CRITERIA)
+    choice("minitron_width.aggregation", w.aggregation, WIDTH_AGGREGATIONS)
     if f.structure == "AL-AM":
         raise MaxpruneError("prune.flap.structure='AL-AM' (global, non-uniform widths) is not implemented; "
                             "choose UL-MM (the paper's) or UL-UM")
@@ -123,6 +127,9 @@ def section() -> dict[str, Any]:
         "pattern": "unstructured",         # sparse methods: "unstructured" or "N:M" (e.g. "2:4")
         "ratio": 0.5,                      # fraction of parameters removed
         "calibration": placeholder(str),   # source spec, prepared dataset dir, or a .npy of int token ids
+        "calibration_sampling": "random",  # source specs: "random" windows of long documents (Wanda/SparseGPT) or
+                                           # "stream": the first windows of the joined stream (Minitron's scripts)
+        "paper_shapes": False,             # structured methods on a Llama-3.1-8B-shaped parent: Table 1's shape
         "n_samples": 128,                  # calibration sequences
         "seq_len": placeholder(int),       # calibration window (default: the prepared data's / 8192)
         "seed": 0,
@@ -150,15 +157,6 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
-def sparse_prune_config(method: str, arg: str | None, **extra) -> dict[str, Any]:
-    """The `prune` section of a sparse method's config file; `arg` is its pattern (default 50 % unstructured)."""
-    pattern = arg or "unstructured"
-    nm = parse_pattern(pattern)
-    ratio = 0.5 if nm is None else nm[0] / nm[1]
-    return {"method": method, "pattern": pattern, "ratio": ratio, "n_samples": 128, "batch_size": 8,
-            "order": "reference", **extra}
-
-
 def check(cfg) -> None:
     p = cfg.prune
     from maxprune.prune.api import pruner_names
@@ -180,6 +178,9 @@ def check(cfg) -> None:
             raise MaxpruneError(f"prune.{key}={p[key]} must be >= 1")
     if p.seq_len is not None and p.seq_len < 2:
         raise MaxpruneError(f"prune.seq_len={p.seq_len} must be >= 2")
+    if p.calibration_sampling not in CALIBRATION_SAMPLING:
+        raise MaxpruneError(f"prune.calibration_sampling={p.calibration_sampling!r} is not valid; choose one of "
+                            f"{', '.join(CALIBRATION_SAMPLING)}")
     if p.order not in ("reference", "sequential"):
         raise MaxpruneError(f"prune.order={p.order!r} is not valid; choose reference or sequential")
     _check_structured(p)

@@ -97,9 +97,22 @@ def depth_layers_kept(base: Arch, ratio: float, ratio_of: str = "prunable") -> i
     per_layer = _bare(base).layer_params()
     kept = (target - _bare(base).replace(num_layers=1).num_params() + per_layer) // per_layer
     if kept < 1:
+        one = _bare(base).replace(num_layers=1).num_params()
+        room = base.num_prunable_params() if ratio_of == "prunable" else base.num_params()
         raise MaxpruneError(f"prune.ratio={ratio} ({ratio_of}) leaves under {target:,} parameters: not even one "
-                            f"of the {base.num_layers} layers fits; lower the ratio")
+                            f"of the {base.num_layers} layers fits (the embeddings alone hold more); the largest "
+                            f"ratio that keeps one layer is {math.floor((base.num_params() - one) / room * 1000) / 1000}")
     return int(kept)  # < num_layers: any ratio > 0 removes at least one layer
+
+
+def depth_shape(base: Arch, p) -> Arch:
+    """Minitron-depth's target: ``minitron_depth.layers_removed`` layers fewer, else what fits the ratio."""
+    c = p.minitron_depth
+    removed = c.layers_removed or base.num_layers - depth_layers_kept(base, p.ratio, c.ratio_of)
+    if not 1 <= removed < base.num_layers:
+        raise MaxpruneError(f"prune.minitron_depth.layers_removed={removed} must be in [1, {base.num_layers - 1}] "
+                            f"for a {base.num_layers}-layer model")
+    return base.replace(num_layers=base.num_layers - removed)
 
 
 # --------------------------------------------------------------------- heads

@@ -31,5 +31,6 @@ def get_config(arg=None):
                                 "seq_len": SEQ_LEN, "n_seqs": 32, "batch_size": 16},
                  "validation_sequences": 64},
         "study": {"name": "mini" if arg != "all" else "mini-all", "pretrain_tokens": "500K",
-                  "retrain_tokens": ("125K",), "variants": variants, "sheared_tokens": "100K"},
+                  "retrain_tokens": ("125K",), "variants": variants, "sheared_tokens": "100K",
+                  "method_settings": "study"},  # the demo's own small calibration for every method
     })

@@ -14,6 +14,7 @@ Every run names the runs it depends on; `plan` only describes, it runs nothing.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 from typing import Any
@@ -21,13 +22,15 @@ from typing import Any
 from maxprune.data.budgets import parse_tokens
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import Arch
+from maxprune.prune import api, paper
 from maxprune.prune.api import SPARSE_METHODS
 from maxprune.prune.schema import parse_pattern
+from maxprune.study import resolve
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One pruning setting: method, sparsity pattern (sparse methods) and ratio."""
+    """One pruning setting: method, sparsity pattern (sparse methods), ratio, and how it is run."""
 
     method: str
     ratio: float
@@ -38,22 +41,40 @@ class Variant:
     scratch: tuple[str, ...] = ("S_N", "S_M+N")
     total_for: tuple[str, ...] | None = None  # retrain budgets N that get an S_{M+N} baseline (None: all)
     ratio_of: str | None = None  # structured methods: "prunable" (default) or "params" (see prune.shapes)
+    config: str | None = None    # FILE.py[:ARG] whose prune section replaces the method's paper settings
+    calibration: str | None = None  # a corpus name of study.calibration ("train": data.train) or a source spec
+    teacher: str | None = None   # "parent": retrain with the unpruned parent as teacher (KD)
+    name: str | None = None      # the prune id, when two variants of one method/ratio differ in settings
+    overrides: tuple[tuple[str, Any], ...] = ()  # ("prune.n_samples", 256), ... from prune.KEY=VALUE
+    spec: str = dataclasses.field(default="", compare=False)
 
     @property
     def sparse(self) -> bool:
         return self.method in SPARSE_METHODS
 
     @property
-    def id(self) -> str:
-        """Directory-safe name, e.g. wanda-2of4-r50, minitron_depth-r62.5."""
+    def prune_id(self) -> str:
+        """Directory-safe name of the pruned model, e.g. wanda-2of4-r50, minitron_depth-r62.5."""
+        if self.name:
+            return self.name
         nm = parse_pattern(self.pattern)
         pattern = "" if not self.sparse else ("-u" if nm is None else f"-{nm[0]}of{nm[1]}")
         return f"{self.method}{pattern}-r{100 * self.ratio:g}"
 
     @property
+    def id(self) -> str:
+        """The prune id, plus -kd when retraining distils from the parent."""
+        return self.prune_id + ("-kd" if self.teacher else "")
+
+    @property
     def label(self) -> str:
-        """The paper's way of naming it, e.g. wanda_2:4, minitron_depth."""
-        return f"{self.method}_{self.pattern}" if self.sparse else self.method
+        """The paper's way of naming it, e.g. wanda_2:4, minitron_depth (+KD)."""
+        base = f"{self.method}_{self.pattern}" if self.sparse else self.method
+        return base + ("+KD" if self.teacher else "")
+
+    def prune_settings(self) -> tuple:
+        """What decides the pruned model: variants sharing a prune id must agree on it."""
+        return (self.method, self.pattern, self.ratio, self.ratio_of, self.config, self.calibration, self.overrides)
 
 
 @dataclasses.dataclass
@@ -100,13 +121,17 @@ def fmt_tokens(n: int) -> str:
 
 
 LIST_KEYS = ("retrain", "parents", "retrain_parents", "scratch", "total_for")
+VALUE_KEYS = ("ratio_of", "config", "calibration", "teacher", "name")
 
 
 def parse_variant(spec: str) -> Variant:
-    """A variant from ``METHOD[/PATTERN]@RATIO [key=a,b ...]``.
+    """A variant from ``METHOD[/PATTERN]@RATIO [key=value ...]``.
 
     e.g. ``"wanda/2:4@0.5 retrain=50B parents=P,Meta retrain_parents=P"``; keys:
-    retrain, parents, retrain_parents, scratch (S_N, S_M+N), total_for (lists), ratio_of.
+    retrain, parents, retrain_parents, scratch (S_N, S_M+N), total_for (lists);
+    ratio_of, config (FILE.py[:ARG]), calibration (corpus or source), teacher
+    (parent), name (prune id); and ``prune.KEY=VALUE`` overrides of the method's
+    settings, e.g. ``prune.n_samples=256``.
     """
     head, *options = str(spec).split()
     method_pattern, at, ratio = head.partition("@")
@@ -117,13 +142,27 @@ def parse_variant(spec: str) -> Variant:
         fields: dict[str, Any] = {"method": method, "ratio": float(ratio), "pattern": pattern or "unstructured"}
     except ValueError:
         raise MaxpruneError(f"study variant {spec!r}: ratio {ratio!r} is not a number") from None
+    overrides = []
     for option in options:
         key, eq, value = option.partition("=")
-        if key not in (*LIST_KEYS, "ratio_of") or not eq:
+        if key.startswith("prune.") and eq and value:
+            overrides.append((key, _literal(value)))
+        elif key in LIST_KEYS and eq:
+            fields[key] = tuple(v for v in value.split(",") if v)
+        elif key in VALUE_KEYS and eq and value:
+            fields[key] = value
+        else:
             raise MaxpruneError(f"study variant {spec!r}: {option!r} is not KEY=A,B with KEY one of "
-                                f"{', '.join(LIST_KEYS)}, ratio_of")
-        fields[key] = value if key == "ratio_of" else tuple(v for v in value.split(",") if v)
-    return _check_variant(Variant(**fields), spec)
+                                f"{', '.join(LIST_KEYS)}, KEY=VALUE with KEY one of {', '.join(VALUE_KEYS)}, "
+                                f"or prune.KEY=VALUE")
+    return _check_variant(Variant(**fields, overrides=tuple(overrides), spec=str(spec)), spec)
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
 
 
 def _check_variant(variant: Variant, spec: str) -> Variant:
@@ -144,6 +183,10 @@ def _check_variant(variant: Variant, spec: str) -> Variant:
         raise MaxpruneError(f"study variant {spec!r}: ratio_of={variant.ratio_of} is not prunable or params")
     if variant.ratio_of and variant.sparse:
         raise MaxpruneError(f"study variant {spec!r}: ratio_of is for structured methods, not {variant.method}")
+    if variant.teacher not in (None, "parent"):
+        raise MaxpruneError(f"study variant {spec!r}: teacher={variant.teacher} is not valid; choose parent")
+    if variant.name is not None:
+        check_name(variant.name, f"study variant {spec!r}: name")
     bad = set(variant.scratch) - {"S_N", "S_M+N"}
     if bad:
         raise MaxpruneError(f"study variant {spec!r}: scratch {sorted(bad)} is not valid; choose S_N and/or S_M+N")
@@ -183,10 +226,11 @@ def study_budgets(m: int, retrain: tuple[int, ...], whole, start: int | None = N
     Bounds are whole training steps (`whole`), so every run consumes exactly its range.
     """
     r = whole(m) if start is None else whole(start)
-    budgets = {"pretrain": f"0:{whole(m)}"}
+    budgets = {"pretrain": f"0:{whole(m)}"} if m else {}
     for n in retrain:
         budgets[range_name("retrain", n)] = f"{r}:{r + whole(n)}"
-        budgets[range_name("total", m + n)] = f"pretrain+{range_name('retrain', n)}"
+        if m:
+            budgets[range_name("total", m + n)] = f"pretrain+{range_name('retrain', n)}"
     return budgets
 
 
@@ -194,16 +238,8 @@ def check_budgets(plan: "Plan", num_tokens: int) -> None:
     """Every range fits the dataset, and retraining data never overlaps pretraining data."""
     from maxprune.data.budgets import parse_budgets
     budgets = parse_budgets(plan.budgets, num_tokens, plan.seq_len)
-    for n in plan.retrain_tokens:
+    for n in plan.retrain_tokens if plan.pretrain_tokens else ():
         budgets.check_disjoint(["pretrain", range_name("retrain", n)])
-
-
-def pruned_arch(parent: Arch, variant: Variant) -> Arch:
-    """The Arch a variant produces from `parent` (sparse methods keep the shape)."""
-    if variant.sparse:
-        return parent
-    from maxprune.prune import shapes
-    return shapes.target_arch(variant.method, parent, variant.ratio, variant.ratio_of or "prunable")
 
 
 def plan_study(cfg, parent_arch: Arch, seq_len: int) -> Plan:
@@ -211,7 +247,8 @@ def plan_study(cfg, parent_arch: Arch, seq_len: int) -> Plan:
 
     Run names carry the nominal budgets (P200B, S50B); their token counts are
     rounded up to whole steps of `train.global_batch` x `seq_len`, as the
-    trainer rounds them, and the data ranges are cut at those same bounds.
+    trainer rounds them, and the data ranges are cut at those same bounds. Each
+    prune run carries the config it will execute (`maxprune.study.resolve`).
     """
     s = cfg.study
     step = cfg.train.global_batch * seq_len
@@ -223,6 +260,7 @@ def plan_study(cfg, parent_arch: Arch, seq_len: int) -> Plan:
     variants = [parse_variant(v) for v in s.variants]
     if not variants:
         raise MaxpruneError("study.variants is empty: give at least one {method, ratio} to compare")
+    _check_prune_ids(variants)
     seeds = tuple(s.seeds)
     runs: dict[str, Run] = {}
 
@@ -230,14 +268,21 @@ def plan_study(cfg, parent_arch: Arch, seq_len: int) -> Plan:
         runs.setdefault(run.name, run)
 
     parent_name = f"P{fmt_tokens(m)}"
-    add(Run(parent_name, "pretrain", parent_arch, whole(m), "pretrain", (), nominal=m))
+    if m:
+        add(Run(parent_name, "pretrain", parent_arch, whole(m), "pretrain", (), nominal=m))
+    else:  # imported parents only (their M is unknown): Ext-R_N vs S_N, no S_{M+N}
+        _check_imported_only(variants, s)
     for name in s.imported:
         add(Run(name, "import", None, 0, None, (), extra={"path": s.imported[name]}))
-    calib_tokens = cfg.prune.n_samples * (cfg.prune.seq_len or seq_len)
     for variant in variants:
-        arch = pruned_arch(parent_arch, variant)
+        prune_cfg, origin = resolve.prune_section(cfg, variant)
+        arch = _pruned_arch(parent_arch, prune_cfg.prune, variant)
+        origin["shape_from"] = "-" if variant.sparse else api.resolve(prune_cfg.prune, parent_arch)[1]
+        origin["pinned"] = paper.pin_shapes(prune_cfg.prune, parent_arch)[0]  # Table 1 keys set at prune time
         sparsity = variant.ratio if variant.sparse else 0.0
-        mask_tokens = parse_tokens(s.sheared_tokens) if variant.method == "sheared_llama" else 0
+        p = prune_cfg.prune
+        calib_tokens = p.n_samples * (p.seq_len or seq_len)
+        mask_tokens = parse_tokens(p.sheared_llama.tokens) if variant.method == "sheared_llama" else 0
         retrain = tuple(parse_tokens(n) for n in variant.retrain) if variant.retrain else retrain_all
         unknown = set(retrain) - set(retrain_all)
         if unknown:
@@ -248,32 +293,83 @@ def plan_study(cfg, parent_arch: Arch, seq_len: int) -> Plan:
             if source not in runs:
                 raise MaxpruneError(f"variant {variant.id} names parent {parent!r}, which is not 'P' or a key of "
                                     f"study.imported {list(s.imported)}")
-            prune_name = f"{source}.prune.{variant.id}"
+            prune_name = f"{source}.prune.{variant.prune_id}"
             add(Run(prune_name, "prune", arch, calib_tokens + mask_tokens, None, (source,), variant, source,
-                    sparsity, extra={"calibration_tokens": calib_tokens, "mask_learning_tokens": mask_tokens}))
+                    sparsity, extra={"calibration_tokens": calib_tokens, "mask_learning_tokens": mask_tokens,
+                                     "config": prune_cfg, **origin}))
             if variant.retrain_parents is not None and parent not in variant.retrain_parents:
                 continue
+            teacher = {"teacher": source} if variant.teacher else {}
             for n in retrain:
                 for seed in seeds:
-                    add(Run(_seeded(f"{source}-R{fmt_tokens(n)}.{variant.id}", seed, seeds), "retrain", arch, whole(n),
-                            range_name("retrain", n), (prune_name,), variant, source, sparsity, seed, nominal=n))
-        # Scratch baselines take the Arch (or fixed mask) of the first parent's pruned model.
-        first = parent_name if variant.parents[0] == "P" else variant.parents[0]
-        prune_p = f"{first}.prune.{variant.id}"
-        total_for = retrain if variant.total_for is None else tuple(map(parse_tokens, variant.total_for))
-        for n in retrain:
-            for kind, nominal, tokens, rng in (("S_N", n, whole(n), range_name("retrain", n)),
-                                               ("S_M+N", m + n, whole(m) + whole(n), range_name("total", m + n))):
-                if kind not in variant.scratch or (kind == "S_M+N" and n not in total_for):
-                    continue
-                for seed in seeds:
-                    name = _seeded(f"S{fmt_tokens(nominal)}{'' if kind == 'S_N' else '-total'}.{variant.id}", seed, seeds)
-                    add(Run(name, "scratch", arch, tokens, rng, (prune_p,), variant, None, sparsity, seed,
-                            extra={"baseline": kind, "retrain_tokens": n}, nominal=nominal))
+                    add(Run(_seeded(f"{source}-R{fmt_tokens(n)}.{variant.id}", seed, seeds), "retrain", arch,
+                            whole(n), range_name("retrain", n), (prune_name, *teacher.values()), variant, source,
+                            sparsity, seed, extra=dict(teacher), nominal=n))
+        _add_scratch(add, runs, variant, arch, sparsity, retrain, m, whole, seeds, parent_name, s.merge_scratch)
     for name in runs:  # run dirs are root / name: none may leave the root
         check_name(name, "run name")
     start = parse_tokens(s.retrain_from) if s.retrain_from else None
     return Plan(list(runs.values()), m, retrain_all, study_budgets(m, retrain_all, whole, start), seq_len)
+
+
+def _pruned_arch(parent: Arch, p, variant: Variant) -> Arch | None:
+    """The Arch the variant's prune produces from `parent` (None when a search decides it at run time)."""
+    try:
+        return api.target_shape(parent, p)
+    except MaxpruneError as e:
+        raise MaxpruneError(f"study variant {variant.spec!r}: {e}") from None
+
+
+def _check_imported_only(variants: list[Variant], s) -> None:
+    if not s.imported:
+        raise MaxpruneError("study.pretrain_tokens=0 pretrains no parent, and study.imported names none: give an "
+                            "imported parent (e.g. study.imported.SmolLM2=MODEL_DIR) or a pretraining budget")
+    for variant in variants:
+        if "P" in variant.parents:
+            raise MaxpruneError(f"study variant {variant.spec!r} prunes parent P, but study.pretrain_tokens=0 "
+                                f"pretrains none; give parents={','.join(s.imported)}")
+
+
+def _check_prune_ids(variants: list[Variant]) -> None:
+    seen: dict[str, Variant] = {}
+    for variant in variants:
+        other = seen.setdefault(variant.prune_id, variant)
+        if other.prune_settings() != variant.prune_settings():
+            raise MaxpruneError(f"study variants {other.spec!r} and {variant.spec!r} prune differently but share the "
+                                f"name {variant.prune_id}; give one of them name=NAME")
+
+
+def _add_scratch(add, runs, variant: Variant, arch, sparsity, retrain, m, whole, seeds, parent_name, merge) -> None:
+    """S_N and S_{M+N} baselines; one run where an S_N and an S_{M+N} budget coincide (if `merge`).
+
+    They take the Arch (or fixed mask) of the first parent's pruned model and the
+    variant's prune id, so a KD variant shares the baselines of its plain twin.
+    """
+    first = parent_name if variant.parents[0] == "P" else variant.parents[0]
+    prune_p = f"{first}.prune.{variant.prune_id}"
+    total_for = retrain if variant.total_for is None else tuple(map(parse_tokens, variant.total_for))
+    wanted = []  # (baseline, N, nominal tokens, tokens, range)
+    for n in retrain:
+        if "S_N" in variant.scratch:
+            wanted.append(("S_N", n, n, whole(n), range_name("retrain", n)))
+        if "S_M+N" in variant.scratch and n in total_for:
+            wanted.append(("S_M+N", n, m + n, whole(m) + whole(n), range_name("total", m + n)))
+    groups: dict[tuple, list] = {}
+    wanted = [w for w in wanted if m or w[0] == "S_N"]  # no S_{M+N} without a pretraining budget
+    for w in wanted:  # merged runs: same tokens; the union range serves both (S_{M+N} needs exactly it)
+        groups.setdefault((w[3],) if merge else (w[0], w[1]), []).append(w)
+    for group in groups.values():
+        group.sort(key=lambda w: w[0] != "S_M+N")
+        total = group[0] if group[0][0] == "S_M+N" else None
+        named = next((w for w in group if w[0] == "S_N"), group[0])
+        roles = tuple((w[0], w[1]) for w in group)
+        _, n, nominal, tokens, rng = total or named
+        suffix = "" if named[0] == "S_N" else "-total"
+        for seed in seeds:
+            name = _seeded(f"S{fmt_tokens(named[2])}{suffix}.{variant.prune_id}", seed, seeds)
+            add(Run(name, "scratch", arch, tokens, rng, (prune_p,), variant, None, sparsity, seed,
+                    extra={"baseline": roles[0][0], "retrain_tokens": roles[0][1], "roles": roles},
+                    nominal=named[2]))
 
 
 def _seeded(name: str, seed: int, seeds: tuple[int, ...]) -> str:

@@ -16,20 +16,17 @@ rename at the end, so nothing half-written is taken for done).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import ml_collections
-
 from maxprune import config as config_lib
 from maxprune import locks
 from maxprune.errors import MaxpruneError
-from maxprune.model.arch import Arch
 from maxprune.model.model_dir import read_arch
+from maxprune.study import resolve
 from maxprune.study.plan import Plan, Run, plan_study
 
 STATUS_FILE = "study.json"
@@ -51,32 +48,6 @@ def _write_status(root: Path, status: dict) -> None:
     tmp = root / (STATUS_FILE + ".tmp")
     tmp.write_text(json.dumps(status, indent=2, sort_keys=True) + "\n")
     tmp.replace(root / STATUS_FILE)
-
-
-# -------------------------------------------------------------- run configs
-def derive(cfg, **changes) -> ml_collections.FrozenConfigDict:
-    """A validated, frozen copy of `cfg` with dotted-key `changes` (e.g. train__tokens="2M")."""
-    # deepcopy: FrozenConfigDict.as_configdict() shares its nodes between calls
-    mutable = copy.deepcopy(cfg.as_configdict() if hasattr(cfg, "as_configdict") else ml_collections.ConfigDict(cfg))
-    for dotted, value in changes.items():
-        *path, key = dotted.split("__")
-        node = mutable
-        for part in path:
-            node = node[part]
-        with node.ignore_type():
-            node[key] = value
-    config_lib.validate(mutable)
-    return ml_collections.FrozenConfigDict(mutable)
-
-
-def _arch_changes(arch: Arch) -> dict[str, Any]:
-    """Config changes that make `model` describe exactly `arch`."""
-    changes = {f"model__arch__{k}": v for k, v in arch.to_dict().items() if k != "rope_scaling"}
-    if arch.rope_scaling is None:
-        changes["model__arch__rope_scaling__enabled"] = False
-    else:
-        changes.update({f"model__arch__rope_scaling__{k}": v for k, v in arch.rope_scaling.__dict__.items()})
-    return changes
 
 
 class StudyRunner:
@@ -136,14 +107,30 @@ class StudyRunner:
             record["eval"] = self.evaluate(self.model_dir(run.name), self.root / run.name / EVAL_FILE)
         return record
 
-    def _train_cfg(self, run: Run, **changes):
-        return derive(self.cfg, data__budgets=dict(self.plan.budgets), data__range=run.data_range,
-                      train__tokens=str(run.tokens), seed=run.seed, **changes)
+    def run_config(self, run: Run):
+        """The config `run` executes (what `maxprune study plan --show RUN` prints)."""
+        if run.kind == "prune":
+            return resolve.prune_run_config(run.extra["config"], str(self.model_dir(run.deps[0])),
+                                            str(self.model_dir(run.name)))
+        if run.kind == "pretrain":
+            return resolve.train_run_config(self.cfg, self.plan, run)
+        if run.kind == "retrain":
+            teacher = {"train.teacher": str(self.model_dir(run.extra["teacher"]))} if run.extra.get("teacher") else {}
+            return resolve.train_run_config(self.cfg, self.plan, run, **{"train.init": str(self.model_dir(run.deps[0])),
+                                                                        **teacher})
+        if run.kind == "scratch":
+            pruned = self.model_dir(run.deps[0])
+            arch = read_arch(pruned) if (pruned / "arch.json").is_file() or run.arch is None else run.arch
+            masks = {"train.masks_from": str(pruned)} if run.variant.sparse else {}  # the same fixed mask
+            return resolve.train_run_config(self.cfg, self.plan, run, **masks, **resolve.arch_changes(arch))
+        raise MaxpruneError(f"run {run.name} ({run.kind}) has no config of its own")
 
-    def _run_pretrain(self, run: Run) -> dict:
+    def _train(self, run: Run) -> dict:
         from maxprune.train import trainer
-        result = trainer.train(self._train_cfg(run), self.root / run.name, progress=self.progress)
+        result = trainer.train(self.run_config(run), self.root / run.name, progress=self.progress)
         return {"tokens_seen": result.tokens_seen, "lr": result.lr}
+
+    _run_pretrain = _run_retrain = _train
 
     def _run_import(self, run: Run) -> dict:
         path = Path(run.extra["path"])
@@ -155,31 +142,16 @@ class StudyRunner:
 
     def _run_prune(self, run: Run) -> dict:
         from maxprune.prune.run import prune_model_dir
-        v = run.variant
-        extra = {f"prune__{v.method}__ratio_of": v.ratio_of} if v.ratio_of else {}
-        if v.method == "sheared_llama":  # the mask-learning budget the plan counted
-            extra["prune__sheared_llama__tokens"] = self.cfg.study.sheared_tokens
-        cfg = derive(self.cfg, prune__method=v.method, prune__pattern=v.pattern, prune__ratio=v.ratio, **extra,
-                     prune__input=str(self.model_dir(run.deps[0])), prune__output=str(self.model_dir(run.name)))
-        prune_model_dir(cfg, overwrite=True, progress=self.progress)
+        prune_model_dir(self.run_config(run), overwrite=True, progress=self.progress)
         return {"calibration_tokens": run.extra["calibration_tokens"],
                 "mask_learning_tokens": run.extra["mask_learning_tokens"]}
 
-    def _run_retrain(self, run: Run) -> dict:
-        from maxprune.train import trainer
-        cfg = self._train_cfg(run, train__init=str(self.model_dir(run.deps[0])))
-        result = trainer.train(cfg, self.root / run.name, progress=self.progress)
-        return {"tokens_seen": result.tokens_seen, "lr": result.lr}
-
     def _run_scratch(self, run: Run) -> dict:
-        from maxprune.train import trainer
         pruned = self.model_dir(run.deps[0])
-        if run.variant.sparse:  # the same fixed mask, from random init
-            cfg = self._train_cfg(run, train__masks_from=str(pruned), **_arch_changes(read_arch(pruned)))
-        else:
-            cfg = self._train_cfg(run, **_arch_changes(read_arch(pruned)))
-        result = trainer.train(cfg, self.root / run.name, progress=self.progress)
-        return {"tokens_seen": result.tokens_seen, "lr": result.lr}
+        if run.arch is not None and read_arch(pruned) != run.arch:
+            raise MaxpruneError(f"run {run.name}: the pruned model {pruned} is not the planned shape; "
+                                f"the study config changed since it was pruned")
+        return self._train(run)
 
 
 def make_plan(cfg) -> Plan:
