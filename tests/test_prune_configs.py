@@ -20,8 +20,10 @@ SMOL = preset("tiny").replace(vocab_size=512, hidden_size=576, num_layers=2, num
                               head_dim=64, ffn_size=1536, tie_embeddings=True, rope_theta=1e5, rope_scaling=None,
                               max_position_embeddings=256)
 SEQ = 32
+# SparseGPT keeps the dense shape (as Wanda, checked in the default suite) and takes minutes here: slow suite
 CONFIGS = ["minitron_depth.py", "minitron_width.py", "minitron_width.py:0.75", "flap.py", "sheared_llama.py",
-           "wanda.py", "wanda.py:2:4", "sparsegpt.py", "sparsegpt.py:2:4", "magnitude.py"]
+           "wanda.py", "wanda.py:2:4", "magnitude.py",
+           *(pytest.param(spec, marks=pytest.mark.slow) for spec in ("sparsegpt.py", "sparsegpt.py:2:4"))]
 
 
 @pytest.fixture(scope="module")
