@@ -12,6 +12,7 @@ A new section (data, train, prune, ...) is one builder and one check in `SECTION
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import functools
@@ -273,7 +274,6 @@ def load_config(spec: str | None, overrides: Sequence[str] = ()) -> ConfigDict:
 def override(cfg, changes: Mapping[str, Any], source: str = "derived by the study") -> ml_collections.FrozenConfigDict:
     """A validated, frozen copy of `cfg` with dotted-key `changes` applied through the same type checks as
     ``--config.a.b=VALUE`` (a section given as a mapping sets each of its keys)."""
-    import copy
     # deepcopy: FrozenConfigDict.as_configdict() shares its nodes between calls
     mutable = copy.deepcopy(cfg.as_configdict() if hasattr(cfg, "as_configdict") else ConfigDict(cfg))
     for key, value in changes.items():

@@ -17,7 +17,6 @@ rename at the end, so nothing half-written is taken for done).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
