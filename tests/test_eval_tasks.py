@@ -59,3 +59,37 @@ def test_unknown_task_and_missing_data(tmp_path):
         tasks_lib.check_task_names(["piqa", "hellaswag2"])
     with pytest.raises(MaxpruneError, match="offline data for task piqa is missing: no .*piqa/plain_text"):
         tasks_lib.write_offline_tasks(["piqa"], tmp_path, data_dir=str(tmp_path / "empty"))
+
+
+def _constant_lm():
+    """An lm-eval LM answering every request with the same log-likelihood (no model needed)."""
+    from lm_eval.api.model import LM
+
+    class Constant(LM):
+        def loglikelihood(self, requests):
+            return [(-1.0, False) for _ in requests]
+
+        def loglikelihood_rolling(self, requests):
+            return [-1.0 for _ in requests]
+
+        def generate_until(self, requests):
+            return ["" for _ in requests]
+    return Constant()
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_quiet_run_prints_no_bars_or_warnings(progress, capsys, caplog):
+    import lm_eval.api.task
+
+    from maxprune.eval import lm_eval_adapter
+    bars = (lm_eval.api.task.tqdm, lm_eval_adapter.tqdm)
+    results = tasks_lib.run_tasks(_constant_lm(), ["boolq", "sciq"], limit=3, progress=progress)
+    assert [r["n"] for r in results.values()] == [3, 3]
+    err = capsys.readouterr().err
+    warnings = [r for r in caplog.records if r.name.startswith("lm_eval") and r.levelname == "WARNING"]
+    if progress:
+        assert "100%" in err and warnings  # lm-eval's request bars and its num_fewshot notices
+    else:
+        assert "100%" not in err and not warnings
+    assert (lm_eval.api.task.tqdm, lm_eval_adapter.tqdm) == bars  # put back
+    assert not [r for r in caplog.records if "aggregation is not" in r.getMessage()]  # BoolQ's metric is complete

@@ -69,7 +69,7 @@ def evaluate(model_path: str | os.PathLike, cfg, *, progress: bool = True, log=p
                                                         batch_size=p.batch_size, progress=progress)
         log(f"validation loss: {metrics['validation']['loss']:.4f} on {validation}")
     if e.tasks:
-        metrics["tasks"], metrics["tasks_info"] = _run_tasks(model, e)
+        metrics["tasks"], metrics["tasks_info"] = _run_tasks(model, e, progress)
         metrics["average"] = paper_average(metrics["tasks"])
     metrics["protocol"] = protocol(e, validation)
     metrics["seconds"] = time.perf_counter() - start
@@ -97,14 +97,14 @@ def protocol(e, validation: str | None) -> dict:
     return {"name": name, "tasks": tasks, "perplexity": ppl, "validation": validation}
 
 
-def _run_tasks(model, e) -> tuple[dict, dict]:
+def _run_tasks(model, e, progress: bool = True) -> tuple[dict, dict]:
     from maxprune.eval.lm_eval_adapter import MaxpruneLM
     from maxprune.eval.tasks import run_tasks
     lm = MaxpruneLM(model=model, batch_size=e.batch_size, batch_tokens=e.batch_tokens, max_length=e.max_length,
                     min_bucket=e.min_bucket, pack_length=e.pack_length, add_bos_token=e.add_bos)
     start = time.perf_counter()
     results = run_tasks(lm, list(e.tasks), source=e.task_source, data_dir=e.task_data_dir, limit=e.limit,
-                        num_fewshot=e.num_fewshot)
+                        num_fewshot=e.num_fewshot, progress=progress)
     buckets = list(lm.scorer.buckets)
     info = {"seconds": time.perf_counter() - start, "compilations": lm.compile_count, "buckets": buckets,
             "rows_per_bucket": [lm.scorer.rows_for(b) for b in buckets], "pack_length": lm.pack_length,

@@ -66,7 +66,9 @@ PAPER_TASKS: dict[str, PaperTask] = {t.name: t for t in (
     PaperTask("sciq", "SciQ", "sciq/sciq.yaml", "sciq/none", "acc", "test"),
     PaperTask("boolq", "BoolQ", "super_glue/boolq/default.yaml", "boolq/none", "acc", "validation",
               # google/boolq has a bool `answer`; lm-eval's prompt expects super_glue's 0/1 `label`.
-              "doc_to_target: '{{ 1 if answer else 0 }}'\n"),
+              # Its metric_list names acc without an aggregation (lm-eval warns, then takes the mean).
+              "doc_to_target: '{{ 1 if answer else 0 }}'\n"
+              "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"),
     PaperTask("openbookqa", "OBQA", "openbookqa/openbookqa.yaml", "openbookqa/main", "acc_norm", "test"),
 )}
 PAPER_TASK_NAMES = tuple(PAPER_TASKS)
@@ -157,14 +159,17 @@ def hub_offline() -> Iterator[None]:
 
 # ------------------------------------------------------------------ running
 def run_tasks(lm, names: Sequence[str], *, source: str = "offline", data_dir: str | None = None,
-              limit: int | None = None, num_fewshot: int = 0) -> dict[str, dict]:
-    """Evaluate an lm-eval `LM` on paper tasks; per task every number (see `task_result`)."""
+              limit: int | None = None, num_fewshot: int = 0, progress: bool = True) -> dict[str, dict]:
+    """Evaluate an lm-eval `LM` on paper tasks; per task every number (see `task_result`).
+
+    `progress=False` silences lm-eval's progress bars and its warnings (errors still print)."""
     check_task_names(names)
     if not names:
         return {}
     import lm_eval
     from lm_eval.tasks import TaskManager
-    with tempfile.TemporaryDirectory(prefix="maxprune-tasks-") as tmp, _offline_if(source == "offline"):
+    with tempfile.TemporaryDirectory(prefix="maxprune-tasks-") as tmp, _offline_if(source == "offline"), \
+            contextlib.nullcontext() if progress else _quiet_lm_eval():
         if source == "offline":
             lm_names = write_offline_tasks(names, Path(tmp), data_dir)
             manager = TaskManager(include_path=tmp, include_defaults=False)
@@ -178,6 +183,35 @@ def run_tasks(lm, names: Sequence[str], *, source: str = "offline", data_dir: st
                                 f"eval.task_source='offline'") from e
     return {name: task_result(PAPER_TASKS[name], lm_name, out, source)
             for name, lm_name in zip(names, lm_names)}
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """No progress bars and no warnings from lm-eval (nor from our adapter's bar) inside the block.
+
+    lm-eval builds its request and tokenizing bars with no way to turn them off,
+    so the `tqdm` those modules (and the adapter) call is swapped for a disabled
+    one and put back afterwards."""
+    import functools
+    import logging
+
+    from tqdm.auto import tqdm
+
+    from maxprune.eval import lm_eval_adapter
+    modules = [sys.modules[m] for m in ("lm_eval.api.task", "lm_eval.api.model") if m in sys.modules]
+    modules = [m for m in modules + [lm_eval_adapter] if hasattr(m, "tqdm")]
+    saved = [(m, m.tqdm) for m in modules]
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    for m in modules:
+        m.tqdm = functools.partial(tqdm, disable=True)
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for m, bar in saved:
+            m.tqdm = bar
+        logger.setLevel(level)
 
 
 def _offline_if(flag: bool):
