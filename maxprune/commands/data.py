@@ -13,7 +13,7 @@ def _add_prepare(parser) -> None:
                         help="source spec, e.g. 'jsonl:/data/*.jsonl.zst?field=text' or '/data/*.parquet'")
     parser.add_argument("out", metavar="OUT", help="prepared dataset dir to write")
     parser.add_argument("--tokenizer", default="llama3", metavar="PATH|llama3",
-                        help="tokenizer.json, a dir with one, or 'llama3' (default)")
+                        help="tokenizer.json, a dir with one, a model dir (its tokenizer/), or 'llama3' (default)")
     parser.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence (default 8192)")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: CPUs)")
     parser.add_argument("--text-field", default=None, help="JSON/parquet/dataset field holding the text")
@@ -118,6 +118,7 @@ _SUBCOMMANDS = {
                         _run_train_tokenizer),
     "inspect": ("describe a prepared dataset", _add_inspect, _run_inspect),
     "builtin": data_builtin.SUBCOMMAND,
+    "real-parent": data_builtin.REAL_PARENT,
 }
 
 
@@ -132,6 +133,6 @@ def _run_data(args, cfg) -> int:
 
 
 COMMANDS = [
-    Command("data", "prepare and inspect training data: prepare, train-tokenizer, inspect, builtin",
+    Command("data", "prepare and inspect training data: prepare, train-tokenizer, inspect, builtin, real-parent",
             _add_data, _run_data, takes_config=False, multihost=False),
 ]

@@ -156,7 +156,8 @@ def print_run(runner, run) -> None:
         print(f"data: {run.data_range} = {runner.plan.budgets.get(run.data_range, ':')}; {fmt_tokens(run.tokens)} "
               f"tokens = {steps} steps of {t.global_batch} x {runner.plan.seq_len}"
               + (f"; serves as {', '.join(f'{b} (N={fmt_tokens(n)})' for b, n in roles)}" if roles else ""))
-        sweep = f"LR sweep {list(t.lr_sweep)} on {t.sweep_fraction:g} of the steps" if t.lr_sweep else f"lr {t.lr:g}"
+        sweep = f"LR sweep {list(t.lr_sweep)} on {t.sweep_fraction:g} of the steps ({t.sweep_schedule} schedule)" \
+            if t.lr_sweep else f"lr {t.lr:g}"
         print(f"schedule: {sweep}; warmup {t.warmup_ratio:g}, cosine to {t.min_lr_ratio:g}; init "
               f"{t.init or t.masks_from and f'random under the masks of {t.masks_from}' or 'random'}"
               + (f"; teacher {t.teacher}" if t.teacher else ""))

@@ -24,6 +24,15 @@ the accuracy evaluation.
     text/{train/part-*.jsonl, validation.jsonl, heldout_*.jsonl, text.json}
     v{vocab}-L{seq}/{tokenizer/, prepared/<split>/, builtin.json}
 
+or, given another model's tokenizer (`tokenizer=`: a tokenizer dir, a model dir
+holding one, or "llama3"), prepares the same splits with it instead of training
+a BPE, keyed by the tokenizer's hash so two tokenizers never share a cache:
+
+    tok-{sha256[:12]}-L{seq}/{tokenizer/ (a copy), prepared/<split>/, builtin.json}
+
+`builtin_source(split)` builds only `text/` (what perplexity on the held-out
+sets reads: the evaluated model's own tokenizer encodes it).
+
 Each piece is written to a temporary sibling and renamed when complete, so a cached
 piece is always whole and a second call returns at once.
 """
@@ -45,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maxprune.data.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, train_bpe
 from maxprune.errors import MaxpruneError
 
 RECIPE_VERSION = 1  # bump whenever the documents or splits would change: invalidates caches
@@ -113,8 +123,7 @@ class BuiltinCorpus:
         path = files[0] if len(files) == 1 else files[0].parent / "*.jsonl"
         return f"jsonl:{path}"
 
-    def tokenizer(self):
-        from maxprune.data.tokenizer import Tokenizer
+    def tokenizer(self) -> Tokenizer:
         return Tokenizer.load(self.tokenizer_dir)
 
     def open(self, split: str):
@@ -135,35 +144,72 @@ def default_data_dir() -> Path:
     return Path(base) / "builtin"
 
 
-def builtin_corpus(data_dir: str | os.PathLike | None = None, vocab_size: int = 8192,
-                   seq_len: int = 256, *, overwrite: bool = False, workers: int | None = None,
-                   progress: bool = False,
+def builtin_corpus(data_dir: str | os.PathLike | None = None, vocab_size: int | None = None,
+                   seq_len: int = 256, *, tokenizer: str | os.PathLike | Tokenizer | None = None,
+                   overwrite: bool = False, workers: int | None = None, progress: bool = False,
                    log: Callable[[str], None] = lambda message: None) -> BuiltinCorpus:
-    """Build (or find cached) the builtin corpus, its BPE tokenizer and prepared splits.
+    """Build (or find cached) the builtin corpus, its tokenizer and prepared splits.
 
-    `progress` shows prepare's tqdm bars; `log` receives one line per finished stage.
+    Without `tokenizer`, a `vocab_size`-token BPE (default 8192) is trained on the
+    train split; with one (a `Tokenizer`, or a path `Tokenizer.load` takes: a
+    tokenizer dir, a model dir with a `tokenizer/`, "llama3"), the splits are
+    prepared with it. `progress` shows prepare's tqdm bars; `log` receives one
+    line per finished stage.
     """
-    from maxprune.data.tokenizer import DEFAULT_SPECIAL_TOKENS
     if seq_len < 2:
         raise MaxpruneError(f"seq_len={seq_len} must be >= 2")
-    if vocab_size < 256 + len(DEFAULT_SPECIAL_TOKENS):  # what train_bpe needs, checked before anything is written
-        raise MaxpruneError(f"vocab_size={vocab_size} must be >= {256 + len(DEFAULT_SPECIAL_TOKENS)} "
-                            f"(256 bytes + {len(DEFAULT_SPECIAL_TOKENS)} special tokens)")
+    tok = _given_tokenizer(tokenizer, vocab_size)
+    vocab_size = _check_vocab(vocab_size) if tok is None else tok.vocab_size
     root = Path(data_dir) if data_dir is not None else default_data_dir()
+    text_dir = _text_dir(root, overwrite, log)
+    variant = root / (f"v{vocab_size}-L{seq_len}" if tok is None else f"tok-{tok.hash[:12]}-L{seq_len}")
+    if overwrite or not (variant / "builtin.json").is_file():
+        start = time.perf_counter()
+        _replace_dir(variant, lambda tmp: _build_variant(text_dir, tmp, vocab_size, seq_len,
+                                                         workers, progress, log, tok))
+        log(f"built {variant} in {time.perf_counter() - start:.1f} s")
+    _check_recipe(variant / "builtin.json")
+    return _corpus(text_dir, variant)
+
+
+def builtin_source(split: str, data_dir: str | os.PathLike | None = None) -> str:
+    """A `sources` spec of one split's text, building only the text splits if needed (no tokenizer)."""
+    if split not in SPLITS:
+        raise MaxpruneError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    text_dir = _text_dir(Path(data_dir) if data_dir is not None else default_data_dir(), False, lambda m: None)
+    return _split_spec(text_dir, json.loads((text_dir / "text.json").read_text())["splits"][split]["files"])
+
+
+def _split_spec(text_dir: Path, files: list[str]) -> str:
+    return f"jsonl:{text_dir / (files[0] if len(files) == 1 else 'train/*.jsonl')}"
+
+
+def _text_dir(root: Path, overwrite: bool, log: Callable[[str], None]) -> Path:
     text_dir = root / "text"
     if overwrite or not (text_dir / "text.json").is_file():
         start = time.perf_counter()
         _replace_dir(text_dir, lambda tmp: write_text_splits(collect_documents(), tmp))
         log(f"wrote text splits to {text_dir} in {time.perf_counter() - start:.1f} s")
     _check_recipe(text_dir / "text.json")
-    variant = root / f"v{vocab_size}-L{seq_len}"
-    if overwrite or not (variant / "builtin.json").is_file():
-        start = time.perf_counter()
-        _replace_dir(variant, lambda tmp: _build_variant(text_dir, tmp, vocab_size, seq_len,
-                                                         workers, progress, log))
-        log(f"built {variant} in {time.perf_counter() - start:.1f} s")
-    _check_recipe(variant / "builtin.json")
-    return _corpus(text_dir, variant)
+    return text_dir
+
+
+def _given_tokenizer(tokenizer, vocab_size: int | None) -> Tokenizer | None:
+    if tokenizer is None:
+        return None
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    if vocab_size is not None and vocab_size != tok.vocab_size:
+        raise MaxpruneError(f"vocab_size={vocab_size} does not match tokenizer {tok.name!r} "
+                            f"({tok.vocab_size} tokens); give one or the other")
+    return tok
+
+
+def _check_vocab(vocab_size: int | None) -> int:
+    vocab_size = 8192 if vocab_size is None else vocab_size
+    if vocab_size < 256 + len(DEFAULT_SPECIAL_TOKENS):  # what train_bpe needs, checked before anything is written
+        raise MaxpruneError(f"vocab_size={vocab_size} must be >= {256 + len(DEFAULT_SPECIAL_TOKENS)} "
+                            f"(256 bytes + {len(DEFAULT_SPECIAL_TOKENS)} special tokens)")
+    return vocab_size
 
 
 def _corpus(text_dir: Path, variant: Path) -> BuiltinCorpus:
@@ -371,24 +417,23 @@ def _describe(docs: list[Doc]) -> dict:
 
 
 # ------------------------------------------------------------------ tokenizer + prepare
-def _build_variant(text_dir: Path, out: Path, vocab_size: int, seq_len: int,
-                   workers: int | None, progress: bool, log: Callable[[str], None]) -> None:
-    # Import the functions: maxprune.data re-exports `prepare`, shadowing the submodule's name.
+def _build_variant(text_dir: Path, out: Path, vocab_size: int, seq_len: int, workers: int | None,
+                   progress: bool, log: Callable[[str], None], tok: Tokenizer | None = None) -> None:
+    # Import the function: maxprune.data re-exports `prepare`, shadowing the submodule's name.
     from maxprune.data.prepare import prepare
-    from maxprune.data.tokenizer import train_bpe
 
     info = json.loads((text_dir / "text.json").read_text())
     start = time.perf_counter()
-    train_files = [text_dir / f for f in info["splits"]["train"]["files"]]
-    tok = train_bpe(_texts(train_files), vocab_size, out / "tokenizer",
-                              name=f"builtin-bpe-{vocab_size}")
-    log(f"trained a {vocab_size}-token BPE on the train split in {time.perf_counter() - start:.1f} s")
+    if tok is None:
+        train_files = [text_dir / f for f in info["splits"]["train"]["files"]]
+        tok = train_bpe(_texts(train_files), vocab_size, out / "tokenizer", name=f"builtin-bpe-{vocab_size}")
+        log(f"trained a {vocab_size}-token BPE on the train split in {time.perf_counter() - start:.1f} s")
+    else:  # a copy beside prepared/, where evaluation finds a prepared dataset's tokenizer
+        tok.save(out / "tokenizer")
     workers = workers or min(TRAIN_SHARDS, os.cpu_count() or 1)
     for split in SPLITS:
-        files = info["splits"][split]["files"]
-        spec = f"jsonl:{text_dir / (files[0] if len(files) == 1 else 'train/*.jsonl')}"
-        manifest = prepare(spec, tok, out / "prepared" / split, seq_len,
-                                   workers=workers, overwrite=False, progress=progress)
+        manifest = prepare(_split_spec(text_dir, info["splits"][split]["files"]), tok, out / "prepared" / split,
+                           seq_len, workers=workers, overwrite=False, progress=progress)
         info["splits"][split] |= {"sequences": manifest.num_sequences, "tokens": manifest.num_tokens}
     info |= {"vocab_size": vocab_size, "seq_len": seq_len, "tokenizer": tok.info(),
              "build_seconds": round(time.perf_counter() - start, 1)}

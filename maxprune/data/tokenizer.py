@@ -64,10 +64,13 @@ class Tokenizer:
     # ------------------------------------------------------------ construction
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """From a tokenizer.json or a dir holding one (+ tokenizer_config.json); "llama3" works too."""
+        """From a tokenizer.json, a dir holding one (+ tokenizer_config.json) or a model dir holding
+        such a `tokenizer/` dir; "llama3" works too."""
         if os.fspath(path) == "llama3":
             return cls.llama3()
         path = Path(path)
+        if path.is_dir() and not (path / TOKENIZER_FILE).is_file() and (path / "tokenizer" / TOKENIZER_FILE).is_file():
+            path = path / "tokenizer"  # a model dir
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise MaxpruneError(f"no tokenizer at {path}: expected a {TOKENIZER_FILE} file or a dir "

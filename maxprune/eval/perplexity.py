@@ -89,8 +89,9 @@ def resolve_corpus(entry: str, split: str = "test") -> Corpus:
 
 def _source_spec(corpus: Corpus) -> str:
     if corpus.source.startswith("builtin:"):
-        from maxprune.data.builtin import builtin_corpus
-        return builtin_corpus().source(corpus.source.removeprefix("builtin:"))
+        # the text alone: the evaluated model's own tokenizer encodes it
+        from maxprune.data.builtin import builtin_source
+        return builtin_source(corpus.source.removeprefix("builtin:"))
     return corpus.source
 
 
