@@ -31,10 +31,13 @@ Two entry points:
   are alive at a time — a linear only changes the sites after its own, so the
   statistics stay the dense layer's), or group by group q,k,v → o → gate,up →
   down from the partly pruned layer (``order="sequential"``, SparseGPT's
-  ``--true-sequential``); the *pruned* layer feeds the next one. Returns a
-  `PruneResult` with masks and a report (per linear: sparsity, relative
-  reconstruction error ‖XW−XŴ‖/‖XW‖ on the dense layer's calibration inputs;
-  per layer: seconds).
+  ``--true-sequential``); the *pruned* layer feeds the next one (the last
+  layer's outputs feed nothing: no forward pass). Returns a `PruneResult` with
+  masks and a report (per linear: sparsity, relative reconstruction error
+  ‖XW−XŴ‖/‖XW‖ on the dense layer's inputs from the first
+  ``options.error_samples`` calibration sequences — whole batches, 8 by
+  default: an error pass costs about three forward passes per batch, and a few
+  thousand tokens estimate the ratio well; per layer: seconds).
 - `collect_stats(params, arch, calibration_NL, accumulator, options)`: one pass
   of the *unchanged* model, finalized statistics per layer (FLAP, Minitron).
 
@@ -75,14 +78,14 @@ from tqdm.auto import tqdm
 
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import Arch
-from maxprune.prune.activations import check_calibration, embed_calibration, mesh_of, mesh_scope, replicate
+from maxprune.prune.activations import check_calibration, embed_calibration, mesh_of, mesh_scope
 from maxprune.prune.api import PruneResult
 from maxprune.prune.layer import (ALL_LINEARS, LINEARS, SEQUENTIAL_GROUPS, SITE_OF, SITES, Accumulator, LayerPruner,
                                   Tree, check_reference_groups, get_linear, kernel_dims, layer_dims, run_layer,
                                   set_linears, sites_of, slice_layer, stacked_linear, take, take_layer)
 from maxprune.prune.options import ORDERS, EngineOptions, options_for, run_options
 from maxprune.prune.passes import Passes, layer_with_masks, passes_for
-from maxprune.prune.stack_writer import StackWriter, count_kept
+from maxprune.prune.stack_writer import StackWriter
 
 __all__ = [
     "ALL_LINEARS", "LINEARS", "ORDERS", "SEQUENTIAL_GROUPS", "SITES", "SITE_OF", "Accumulator", "EngineOptions",
@@ -113,7 +116,7 @@ def collect_stats(params: Tree, arch: Arch, calibration_NL, accumulator: Accumul
         for i in _layer_bar(arch, options, f"{options.desc} stats"):
             layer = layer_with_masks(params, masks, i, mesh)
             dims = {s: d for s, d in layer_dims(layer).items() if s in sites}
-            stats = replicate(accumulator.init(dims), mesh)
+            stats = passes.zeros(dims, layer, mesh)
             for j, x in enumerate(chunks):
                 stats, chunks[j] = passes.update_forward(layer, stats, x, sites)
             out.append(accumulator.finalize(stats, n))
@@ -150,8 +153,10 @@ def prune_layerwise(params: Tree, arch: Arch, calibration_NL, pruner: LayerPrune
     with mesh_scope(mesh):
         chunks = None if calibration_NL is None else embed_calibration(params, arch, calibration_NL, options, mesh)
         n = 0 if chunks is None else sum(x.shape[0] for x in chunks)
-        errors_wanted = options.reconstruction and chunks is not None
-        loop = _LayerLoop(pruner, passes, writer, groups, chunks, n, mesh, errors_wanted, sequential)
+        error_chunks = _error_chunks(chunks, options)
+        loop = _LayerLoop(pruner, passes, writer, groups, chunks, n, mesh, error_chunks, sequential,
+                          last=arch.num_layers - 1)
+        errors_wanted = error_chunks > 0
         bar = _layer_bar(arch, options, options.desc)
         for i in bar:
             t0 = time.perf_counter()
@@ -167,8 +172,20 @@ def prune_layerwise(params: Tree, arch: Arch, calibration_NL, pruner: LayerPrune
     report = {"order": options.order, "dtype": options.dtype, "batch_size": options.batch_size,
               "calibration_sequences": n,
               "calibration_tokens": 0 if calibration_NL is None else int(np.size(calibration_NL)),
+              "error_sequences": sum(x.shape[0] for x in chunks[:error_chunks]) if chunks else 0,
               "seconds": time.perf_counter() - start, "layers": layers_report}
     return PruneResult(new_params, arch, new_masks, report)
+
+
+def _error_chunks(chunks, options: EngineOptions) -> int:
+    """How many leading chunks the reconstruction errors are measured on: whole batches covering
+    ``options.error_samples`` sequences (an error pass costs about three forward passes per chunk)."""
+    if chunks is None or not options.reconstruction or not options.error_samples:
+        return 0
+    covered, k = 0, 0
+    while k < len(chunks) and covered < options.error_samples:
+        covered, k = covered + chunks[k].shape[0], k + 1
+    return k
 
 
 @dataclasses.dataclass
@@ -182,21 +199,23 @@ class _LayerLoop:
     chunks: list[jax.Array] | None  # the current layer's inputs, replaced chunk by chunk by its outputs
     n: int                          # calibration sequences
     mesh: Any
-    errors_wanted: bool
+    error_chunks: int               # errors are measured on chunks[:error_chunks] (0: none)
     sequential: bool
+    last: int                       # the last layer: its outputs feed nothing, so its forward pass is skipped
 
     def prune(self, i: int) -> tuple[dict, dict, dict]:
-        """Prune layer i and replace the chunks by its outputs: (kept counts, per-linear report, error sums)."""
+        """Prune layer i, replace the chunks by its outputs (not the last layer's): (kept, report, error sums)."""
         # sequential: later groups see earlier ones pruned, but errors are measured on the dense layer's inputs
         dense = (layer_with_masks({"layers": self.writer.layers}, None, i, self.mesh)
-                 if self.errors_wanted and self.sequential else None)
+                 if self.error_chunks and self.sequential else None)
         kept, linears_report, sums = {}, {}, {}
         for linears in self.groups:
-            self._prune_group(i, linears, kept, linears_report, sums, self.errors_wanted and dense is None)
+            self._prune_group(i, linears, kept, linears_report, sums, bool(self.error_chunks) and dense is None)
         if dense is not None:
-            _add_errors(sums, (self.passes.dense_errors(dense, self.writer.layers, i, x) for x in self.chunks))
+            _add_errors(sums, (self.passes.dense_errors(dense, self.writer.layers, i, x)
+                               for x in self.chunks[:self.error_chunks]))
             del dense
-        if self.chunks is not None:
+        if self.chunks is not None and i != self.last:
             for j, x in enumerate(self.chunks):
                 self.chunks[j] = self.passes.forward(self.writer.layers, i, x)
         return kept, linears_report, sums
@@ -212,11 +231,9 @@ class _LayerLoop:
         del stats
         if group_errors and (kernels or keeps):
             _add_errors(sums, (self.passes.group_errors(self.writer.layers, i, x, kernels, keeps, tuple(linears))
-                               for x in self.chunks))
-        if keeps:
-            kept.update(count_kept(dict(keeps)))
+                               for x in self.chunks[:self.error_chunks]))
         linears_report.update(group_report)
-        self.writer.write(i, kernels, keeps)
+        kept.update(self.writer.write(i, kernels, keeps))
         del kernels, keeps
 
 

@@ -14,6 +14,8 @@ Each rule reproduces the reference's choice exactly, ties included (scores are >
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,23 +49,75 @@ def by_output_blocks(fn, x_IO: jax.Array, max_elements: int = 1 << 18) -> jax.Ar
     Llama-3.1-8B layer's seven); one block of ~`max_elements` entries at a time
     keeps them small (MBs) and in cache. Each output's column is computed
     exactly as alone, so the result is identical.
+
+    The block width divides the output count where a divisor at least half the
+    widest block fits (then `fn` is traced once, inside the loop: every traced
+    copy of a rule costs about a second of XLA:CPU compile time); otherwise it is
+    a power of two with a tail block.
     """
     I, O = x_IO.shape
-    c = max(1, min(O, 1 << max(0, (max_elements // max(I, 1)).bit_length() - 1)))  # a power of two
+    c = _block_width(I, O, max_elements)
     if c >= O:
         return fn(x_IO)
     nb, tail = divmod(O, c)
-    first = fn(lax.slice_in_dim(x_IO, 0, c, axis=1))
-    out_IO = jnp.zeros((I, O), first.dtype).at[:, :c].set(first)
+    dtype = jax.eval_shape(fn, jax.ShapeDtypeStruct((I, c), x_IO.dtype)).dtype
 
     def block(b, out_IO):
         x_Ic = lax.dynamic_slice_in_dim(x_IO, b * c, c, axis=1)
         return lax.dynamic_update_slice_in_dim(out_IO, fn(x_Ic), b * c, axis=1)
 
-    out_IO = lax.fori_loop(1, nb, block, out_IO)
+    out_IO = lax.fori_loop(0, nb, block, jnp.zeros((I, O), dtype))
     if tail:
         out_IO = out_IO.at[:, nb * c:].set(fn(lax.slice_in_dim(x_IO, nb * c, O, axis=1)))
     return out_IO
+
+
+def stacked_by_output_blocks(fn, stacks, i, extras, max_elements: int = 1 << 18) -> list[jax.Array] | None:
+    """``[fn(stack[i], extra) for stack, extra in zip(stacks, extras)]`` for a per-output rule, in ONE loop.
+
+    The kernels ``stacks[k][i]`` (``[in, out_k]``, one `in` for all) are cut
+    into blocks of one width dividing every ``out_k``, and a single loop walks
+    the blocks of all of them, so `fn` (``([in, c], extra) -> [in, c]``) is
+    traced once instead of once per kernel (XLA:CPU compiles each traced copy
+    of a rule for about a second; a Llama layer has seven kernels). Blocks are
+    read from the stacks in place. Each output's column is computed exactly as
+    alone, so the result is `by_output_blocks`'s. None when no common width
+    of at least half the widest block exists (call `by_output_blocks` then).
+    """
+    I = stacks[0].shape[1]
+    g = math.gcd(*(st.shape[2] for st in stacks))
+    c = _block_width(I, g, max_elements)
+    if g % c or 2 * c * I < min(max_elements, I * g):
+        return None
+    kernel_b = np.concatenate([np.full(st.shape[2] // c, k) for k, st in enumerate(stacks)]).astype(np.int32)
+    offset_b = np.concatenate([np.arange(0, st.shape[2], c) for st in stacks]).astype(np.int32)
+    dtype = jax.eval_shape(fn, jax.ShapeDtypeStruct((I, c), stacks[0].dtype), extras[0]).dtype
+    branches = [lambda off, st=st, ex=ex: (lax.dynamic_slice(st, (i, 0, off), (1, I, c))[0], ex)
+                for st, ex in zip(stacks, extras)]
+
+    def block(b, outs):
+        kernel, offset = jnp.asarray(kernel_b)[b], jnp.asarray(offset_b)[b]
+        r_Ic = fn(*lax.switch(kernel, branches, offset))
+        new = []
+        for k, out_IO in enumerate(outs):  # write the block into its kernel's output; the others stay as they are
+            mine = kernel == k
+            at = jnp.where(mine, offset, 0)
+            new.append(lax.dynamic_update_slice_in_dim(
+                out_IO, jnp.where(mine, r_Ic, lax.dynamic_slice_in_dim(out_IO, at, c, axis=1)), at, axis=1))
+        return tuple(new)
+
+    init = tuple(jnp.zeros((I, st.shape[2]), dtype) for st in stacks)
+    return list(lax.fori_loop(0, len(kernel_b), block, init))
+
+
+def _block_width(I: int, O: int, max_elements: int) -> int:
+    """Outputs per block: the widest divisor of O within budget if it is at least half the widest power of two."""
+    widest = max(1, max_elements // max(I, 1))
+    if widest >= O:
+        return O
+    power = 1 << (widest.bit_length() - 1)
+    divisor = next(d for d in range(widest, 0, -1) if O % d == 0)
+    return divisor if 2 * divisor >= power else power
 
 
 def prune_at_or_below_kth(score: jax.Array, k) -> jax.Array:

@@ -29,11 +29,15 @@ class EngineOptions:
     progress: bool = True          # tqdm bar over layers
     donate: bool = False           # may reuse the caller's stacked params buffers (saves a copy)
     reconstruction: bool = True    # measure per-linear relative reconstruction errors
+    error_samples: int = 8         # ... on the first this many calibration sequences (whole batches; 0: none)
     desc: str = "prune"            # progress bar label
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise MaxpruneError(f"prune.batch_size={self.batch_size} must be >= 1")
+        if self.error_samples < 0:
+            raise MaxpruneError(f"prune.error_samples={self.error_samples} must be >= 0 (0: no reconstruction "
+                                f"errors)")
         if self.order not in ORDERS:
             raise MaxpruneError(f"prune.order={self.order!r} is not valid; choose one of {', '.join(ORDERS)}")
         llama.ModelOptions(dtype=self.dtype)  # validates the dtype
@@ -63,9 +67,11 @@ def run_options(**defaults) -> Iterator[None]:
 
 
 def options_for(prune_cfg=None, **changes) -> EngineOptions:
-    """EngineOptions from the `prune` config section (batch_size, order), `run_options` and `changes`."""
+    """EngineOptions from the `prune` config section (batch_size, order, error_samples), `run_options` and `changes`."""
     values = dict(_DEFAULTS.get())
     if prune_cfg is not None:
         values.update(batch_size=prune_cfg.batch_size, order=prune_cfg.order, desc=prune_cfg.method)
+        if "error_samples" in prune_cfg:
+            values.update(error_samples=prune_cfg.error_samples)
     values.update(changes)
     return EngineOptions(**values)

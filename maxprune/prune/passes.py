@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from maxprune.model import llama
 from maxprune.model import masks as masks_lib
@@ -77,6 +78,8 @@ class Passes:
             return {name: _squared_errors(acts[SITE_OF[name]], get_linear(dense, name), get_linear(pruned, name))
                     for name in ALL_LINEARS}
 
+        self._inits: dict = {}
+        self._finalize = jax.jit(accumulator.finalize, static_argnums=1) if accumulator is not None else None
         self.update = jax.jit(update, static_argnums=4, donate_argnums=2)
         self.update_forward = jax.jit(update_forward, static_argnums=3, donate_argnums=1)
         self.forward = jax.jit(forward)
@@ -86,10 +89,28 @@ class Passes:
     def stats(self, layers, i, chunks, sites, n_sequences, mesh) -> Any:
         """Finalized statistics of layer `i` (read from the stack as it is now) at `sites`."""
         dims = {s: d for s, d in layer_dims(layers, stacked=True).items() if s in sites}
-        stats = replicate(self.accumulator.init(dims), mesh)
+        stats = self.zeros(dims, layers, mesh)
         for x in chunks:
             stats = self.update(layers, i, stats, x, tuple(sites))
-        return self.accumulator.finalize(stats, n_sequences)
+        return self._finalize(stats, n_sequences)
+
+    def zeros(self, dims, params, mesh) -> Any:
+        """``accumulator.init(dims)`` from one program, placed like `params` (replicated on a mesh): an
+        `update` first called on uncommitted zeros would compile a second copy of itself."""
+        key = (tuple(dims.items()), _placement(params, mesh))
+        if key not in self._inits:
+            self._inits[key] = jax.jit(lambda: self.accumulator.init(dict(key[0])), out_shardings=key[1])
+        return self._inits[key]()
+
+
+def _placement(layers, mesh):
+    """Where statistics live: replicated on the mesh, else on the params' device."""
+    if mesh is not None:
+        return NamedSharding(mesh, PartitionSpec())
+    s = getattr(jax.tree.leaves(layers)[0], "sharding", None)
+    if isinstance(s, NamedSharding):  # a one-device mesh: outputs of programs on it carry its sharding
+        return NamedSharding(s.mesh, PartitionSpec())
+    return s if isinstance(s, jax.sharding.SingleDeviceSharding) else None
 
 
 def _squared_errors(x_BLI, w_IO, w_hat_IO):

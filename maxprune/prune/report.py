@@ -35,14 +35,17 @@ def finish(result: PruneResult, method: str, pattern: str, ratio: float) -> Prun
 def summarize(report: dict, masks, pattern: str | None) -> dict[str, Any]:
     """Per-matrix sparsity, N:M validity, reconstruction error and timing of a layer-wise report."""
     n_m = parse_pattern(pattern) if pattern else None
+    present = {(block, name): mask for block, name in masks_lib.PRUNABLE
+               if (mask := masks_lib.get_kernel(masks or {}, block, name)) is not None}
+    stats = jax.device_get(_mask_stats(present, n_m)) if present else {}  # one program; masks may be sharded
     matrices, pruned, total = {}, 0, 0
     for block, name in masks_lib.PRUNABLE:
-        mask = masks_lib.get_kernel(masks or {}, block, name)
+        mask = present.get((block, name))
         errors = [row["linears"][name]["rel_error"] for row in report.get("layers", [])
                   if "rel_error" in row["linears"].get(name, {})]
         entry: dict[str, Any] = {}
         if mask is not None:
-            kept, valid = jax.device_get(_mask_stats(mask, n_m))  # on device: masks may be sharded
+            kept, valid = stats[block, name]
             kept = int(np.sum(kept, dtype=np.int64))
             pruned, total = pruned + int(mask.size - kept), total + mask.size
             entry["sparsity"] = float(1.0 - kept / mask.size)
@@ -61,8 +64,12 @@ def summarize(report: dict, masks, pattern: str | None) -> dict[str, Any]:
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _mask_stats(keep, n_m):
-    """(kept count, N:M valid) of a stacked keep-mask ``[..., in, out]``."""
+def _mask_stats(keeps, n_m):
+    """``{key: (kept count per layer, N:M valid)}`` of stacked keep-masks ``[..., in, out]``."""
+    return {key: _one_mask_stats(keep, n_m) for key, keep in keeps.items()}
+
+
+def _one_mask_stats(keep, n_m):
     valid = True
     if n_m is not None:
         n, m = n_m

@@ -135,6 +135,7 @@ def section() -> dict[str, Any]:
         "seed": 0,
         "batch_size": 8,                   # calibration sequences per forward pass
         "order": "reference",              # "reference": all seven linears from one dense pass; "sequential"
+        "error_samples": 8,                # reconstruction errors on the first this many sequences (0: none)
         "sparsegpt": _sparsegpt(),
         "minitron_depth": _minitron_depth(),
         "minitron_width": _minitron_width(),
@@ -176,6 +177,8 @@ def check(cfg) -> None:
     for key in ("n_samples", "batch_size"):
         if p[key] < 1:
             raise MaxpruneError(f"prune.{key}={p[key]} must be >= 1")
+    if p.error_samples < 0:
+        raise MaxpruneError(f"prune.error_samples={p.error_samples} must be >= 0 (0: no reconstruction errors)")
     if p.seq_len is not None and p.seq_len < 2:
         raise MaxpruneError(f"prune.seq_len={p.seq_len} must be >= 2")
     if p.calibration_sampling not in CALIBRATION_SAMPLING:

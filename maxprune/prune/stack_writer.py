@@ -47,24 +47,28 @@ class StackWriter:
         self.layers = {**self.layers, block: {**self.layers[block], name: {**self.layers[block][name], "kernel": stack}}}
         self.owned.add(name)
 
-    def write(self, i: int, kernels: Mapping[str, jax.Array], keeps: Mapping[str, jax.Array]) -> None:
-        """Layer i of each named kernel := (its new kernel, or itself) with masked weights zeroed; masks := keeps."""
+    def write(self, i: int, kernels: Mapping[str, jax.Array], keeps: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Layer i of each named kernel := (its new kernel, or itself) with masked weights zeroed; masks := keeps.
+
+        Returns the kept count of each of `keeps` (int32 device scalars, counted by the same program).
+        """
         names = tuple(n for n in ALL_LINEARS if n in kernels or n in keeps)
         if not names:
-            return
-        for name in keeps:
-            if name not in self.masks:
-                self.masks.update(_all_true({name: get_linear(self.layers, name)}))
+            return {}
+        missing = {name: get_linear(self.layers, name) for name in keeps if name not in self.masks}
+        if missing:
+            self.masks.update(_all_true(missing))
         owned, theirs = self._stacks(names)
         new = {n: kernels[n] for n in names if n in kernels}
         masks = {n: self.masks[n] for n in keeps}
-        out, out_masks = _write_donated(owned, masks, i, new, dict(keeps))
+        out, out_masks, counts = _write_donated(owned, masks, i, new, dict(keeps))
         if theirs:
-            copies, _ = _write_copy(theirs, {}, i, new, dict(keeps))
+            copies, _, _ = _write_copy(theirs, {}, i, new, dict(keeps))
             out.update(copies)
         for name, stack in out.items():
             self._set(name, stack)
         self.masks.update(out_masks)
+        return counts
 
     def bake(self, i: int, parent: Tree) -> None:
         """Zero layer i's weights under a parent's masks (in place)."""
@@ -86,7 +90,8 @@ class StackWriter:
 
 
 def _write(stacks, masks, i, kernels, keeps):
-    """Stacked kernels with layer i replaced (new kernel or the old one, masked weights zero); masks[i] := keeps."""
+    """Stacked kernels with layer i replaced (new kernel or the old one, masked weights zero); masks[i] := keeps;
+    the kept count of each keep-mask."""
     out = {}
     for name, stack in stacks.items():
         if name in kernels:
@@ -98,7 +103,8 @@ def _write(stacks, masks, i, kernels, keeps):
             out[name] = zero_in_place(stack, keeps[name], i)
         else:
             out[name] = stack
-    return out, {name: lax.dynamic_update_index_in_dim(m, keeps[name], i, 0) for name, m in masks.items()}
+    new_masks = {name: lax.dynamic_update_index_in_dim(m, keeps[name], i, 0) for name, m in masks.items()}
+    return out, new_masks, {name: _count(keep) for name, keep in keeps.items()}
 
 
 def zero_in_place(stack, keep, i, block_elements: int = 1 << 20):
@@ -127,7 +133,8 @@ _write_copy = jax.jit(_write)
 
 
 def _bake(stacks, parent, i):
-    return _write(stacks, {}, i, {}, {n: lax.dynamic_index_in_dim(parent[n], i, 0, False) for n in stacks})[0]
+    keeps = {n: lax.dynamic_index_in_dim(parent[n], i, 0, False) for n in stacks}
+    return {n: zero_in_place(stack, keeps[n], i) for n, stack in stacks.items()}
 
 
 _bake_donated = jax.jit(_bake, donate_argnums=0)
@@ -148,16 +155,19 @@ def _all_true_fn(spec):
 
 @jax.jit
 def count_kept(keeps):
-    """Kept entries of each mask, counted one block of rows at a time.
+    """Kept entries of each mask (see `_count`)."""
+    return {name: _count(keep) for name, keep in keeps.items()}
+
+
+def _count(keep):
+    """Kept entries of one keep-mask, counted one block of rows at a time.
 
     XLA:CPU widens a whole bool array before a plain sum (4x its size: 832 MB
     for a Llama-3.1-8B layer's masks); blocks of rows keep that small.
     """
-    def count(keep):
-        rows = keep.shape[0]
-        b = max(1, min(rows, (1 << 20) // max(keep.shape[1], 1)))
-        nb, tail = divmod(rows, b)
-        body = lambda j, acc: acc + jnp.sum(lax.dynamic_slice_in_dim(keep, j * b, b, axis=0), dtype=jnp.int32)
-        total = lax.fori_loop(0, nb, body, jnp.int32(0))
-        return total + jnp.sum(keep[nb * b:], dtype=jnp.int32) if tail else total
-    return {name: count(keep) for name, keep in keeps.items()}
+    rows = keep.shape[0]
+    b = max(1, min(rows, (1 << 20) // max(keep.shape[1], 1)))
+    nb, tail = divmod(rows, b)
+    body = lambda j, acc: acc + jnp.sum(lax.dynamic_slice_in_dim(keep, j * b, b, axis=0), dtype=jnp.int32)
+    total = lax.fori_loop(0, nb, body, jnp.int32(0))
+    return total + jnp.sum(keep[nb * b:], dtype=jnp.int32) if tail else total

@@ -43,14 +43,14 @@ class SquaredNorms:
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def wanda_keep(w_IO: jax.Array, s_I: jax.Array, ratio: float, n_m: tuple[int, int] | None) -> jax.Array:
     """Keep-mask of one kernel from its input channels' mean squared norms (one block of outputs at a time)."""
-    sqrt_s_I1 = jnp.sqrt(s_I)[:, None]
-    k = int(w_IO.shape[0] * ratio)
+    return nm_lib.by_output_blocks(lambda w_Ic: _keep_block(w_Ic, s_I, ratio, n_m), w_IO)
 
-    def keep(w_Ic):
-        score_Ic = jnp.abs(w_Ic.astype(jnp.float32)) * sqrt_s_I1
-        return nm_lib.prune_n_of_m(score_Ic, *n_m) if n_m is not None else nm_lib.prune_lowest_per_output(score_Ic, k)
 
-    return nm_lib.by_output_blocks(keep, w_IO)
+def _keep_block(w_Ic, s_I, ratio, n_m):
+    score_Ic = jnp.abs(w_Ic.astype(jnp.float32)) * jnp.sqrt(s_I)[:, None]
+    if n_m is not None:
+        return nm_lib.prune_n_of_m(score_Ic, *n_m)
+    return nm_lib.prune_lowest_per_output(score_Ic, int(w_Ic.shape[0] * ratio))
 
 
 class WandaPruner:
@@ -66,8 +66,31 @@ class WandaPruner:
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _wanda_layer(stacks, i, norms, ratio, n_m):
-    """All of layer i's keep-masks in one program (kernels read from their stacks in place)."""
-    return {name: wanda_keep(engine.take(w, i), norms[name], ratio, n_m) for name, w in stacks.items()}
+    """All of layer i's keep-masks in one program (kernels read from their stacks in place).
+
+    Off a mesh, the kernels sharing an input width go through one blocked loop
+    (`nm.stacked_by_output_blocks`: the rule compiled once per input width, not
+    once per kernel); on a mesh each kernel is gathered and done alone.
+    """
+    out = {}
+    if jax.sharding.get_abstract_mesh().empty:
+        for names in _by_input_width(stacks):
+            keeps = nm_lib.stacked_by_output_blocks(
+                lambda w_Ic, s_I: _keep_block(w_Ic, s_I, ratio, n_m), [stacks[n] for n in names], i,
+                [norms[n] for n in names])
+            if keeps is not None:
+                out.update(zip(names, keeps))
+    for name, w in stacks.items():
+        if name not in out:
+            out[name] = wanda_keep(engine.take(w, i), norms[name], ratio, n_m)
+    return out
+
+
+def _by_input_width(stacks) -> list[tuple[str, ...]]:
+    groups: dict[int, list[str]] = {}
+    for name, w in stacks.items():
+        groups.setdefault(w.shape[1], []).append(name)
+    return [tuple(g) for g in groups.values()]
 
 
 def check(arch, cfg) -> None:
