@@ -181,8 +181,9 @@ def test_real_plan_runs_shapes_and_budgets():
         sampling = {"minitron_depth": "stream", "minitron_width": "stream"}.get(variant.method, "random")
         assert p.calibration_sampling == sampling, run.name
     sheared = plan["SmolLM2-135M.prune.sheared_llama-r50"].extra["config"]
-    assert sheared.prune.sheared_llama.tokens == "4096" and sheared.prune.sheared_llama.global_batch == 4
-    assert plan["SmolLM2-135M.prune.sheared_llama-r50"].extra["mask_learning_tokens"] == 4096
+    assert sheared.prune.sheared_llama.tokens == "8192" and sheared.prune.sheared_llama.global_batch == 1
+    assert sheared.prune.sheared_llama.lagrangian_warmup == 3
+    assert plan["SmolLM2-135M.prune.sheared_llama-r50"].extra["mask_learning_tokens"] == 8192
     assert sheared.model.dtype == "bfloat16"  # the paper's dtype for a learned mask
     assert plan["SmolLM2-135M.prune.minitron_depth-r50"].extra["config"].prune.n_samples == real.DEPTH_SAMPLES
     assert plan["SmolLM2-135M.prune.sparsegpt-2of4-r50"].extra["config"].prune.sparsegpt.blocksize == 128
