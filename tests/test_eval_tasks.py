@@ -67,6 +67,12 @@ def _constant_lm():
 
     class Constant(LM):
         def loglikelihood(self, requests):
+            import lm_eval.api.model
+
+            from maxprune.eval import lm_eval_adapter
+            for bar in (lm_eval.api.model.tqdm, lm_eval_adapter.tqdm):  # as TemplateLM and MaxpruneLM call them
+                for _ in bar(requests, desc="requests", disable=False):
+                    pass
             return [(-1.0, False) for _ in requests]
 
         def loglikelihood_rolling(self, requests):

@@ -192,10 +192,12 @@ def _quiet_lm_eval() -> Iterator[None]:
     lm-eval builds its request and tokenizing bars with no way to turn them off,
     so the `tqdm` those modules (and the adapter) call is swapped for a disabled
     one and put back afterwards."""
-    import functools
     import logging
 
     from tqdm.auto import tqdm
+
+    def silent(*args, **kwargs):  # callers pass disable=False themselves: override it, not default it
+        return tqdm(*args, **{**kwargs, "disable": True})
 
     from maxprune.eval import lm_eval_adapter
     modules = [sys.modules[m] for m in ("lm_eval.api.task", "lm_eval.api.model") if m in sys.modules]
@@ -204,7 +206,7 @@ def _quiet_lm_eval() -> Iterator[None]:
     logger = logging.getLogger("lm_eval")
     level = logger.level
     for m in modules:
-        m.tqdm = functools.partial(tqdm, disable=True)
+        m.tqdm = silent
     logger.setLevel(logging.ERROR)
     try:
         yield
