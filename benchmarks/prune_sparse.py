@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -129,90 +128,6 @@ def run_maxprune(method: str, shape: dict, out_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------- torch peer
-class WrappedGPT:
-    """locuslab/wanda lib/layerwrapper.py: running mean over sequences of each column's squared norm."""
-
-    def __init__(self, layer):
-        import torch
-        self.layer, self.nsamples = layer, 0
-        self.scaler_row = torch.zeros(layer.weight.shape[1])
-
-    def add_batch(self, inp, out):
-        import torch
-        if inp.dim() == 2:
-            inp = inp.unsqueeze(0)
-        tmp = inp.shape[0]
-        inp = inp.reshape(-1, inp.shape[-1]).t()
-        self.scaler_row *= self.nsamples / (self.nsamples + tmp)
-        self.nsamples += tmp
-        self.scaler_row += torch.norm(inp.float(), p=2, dim=1) ** 2 / self.nsamples
-
-    def prune(self, ratio):
-        import torch
-        W = self.layer.weight.data
-        metric = torch.abs(W) * torch.sqrt(self.scaler_row.reshape((1, -1)))
-        mask = torch.zeros_like(metric, dtype=torch.bool)
-        indices = torch.sort(metric, dim=-1, stable=True)[1][:, :int(metric.shape[1] * ratio)]
-        mask.scatter_(1, indices, True)
-        W[mask] = 0
-
-
-class SparseGPT:
-    """IST-DASLab/sparsegpt sparsegpt.py: Hessian running mean and fasterprune (unstructured path)."""
-
-    def __init__(self, layer):
-        import torch
-        self.layer, self.nsamples = layer, 0
-        self.rows, self.columns = layer.weight.shape
-        self.H = torch.zeros((self.columns, self.columns))
-
-    def add_batch(self, inp, out):
-        if len(inp.shape) == 2:
-            inp = inp.unsqueeze(0)
-        tmp = inp.shape[0]
-        inp = inp.reshape((-1, inp.shape[-1])).t()
-        self.H *= self.nsamples / (self.nsamples + tmp)
-        self.nsamples += tmp
-        inp = math.sqrt(2 / self.nsamples) * inp.float()
-        self.H += inp.matmul(inp.t())
-
-    def prune(self, sparsity, blocksize=128, percdamp=0.01):
-        import torch
-        W = self.layer.weight.data.clone().float()
-        H = self.H
-        del self.H
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
-        damp = percdamp * torch.mean(torch.diag(H))
-        diag = torch.arange(self.columns)
-        H[diag, diag] += damp
-        H = torch.linalg.cholesky(H)
-        H = torch.cholesky_inverse(H)
-        H = torch.linalg.cholesky(H, upper=True)
-        Hinv = H
-        for i1 in range(0, self.columns, blocksize):
-            i2 = min(i1 + blocksize, self.columns)
-            count = i2 - i1
-            W1 = W[:, i1:i2].clone()
-            Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
-            mask1 = tmp <= thresh
-            for i in range(count):
-                w, d = W1[:, i], Hinv1[i, i]
-                q = w.clone()
-                q[mask1[:, i]] = 0
-                Q1[:, i] = q
-                err1 = (w - q) / d
-                W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-                Err1[:, i] = err1
-            W[:, i1:i2] = Q1
-            W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-        self.layer.weight.data = W.to(self.layer.weight.data.dtype)
-
-
 def torch_layer(arch, params, i):
     import torch
     import transformers
@@ -235,6 +150,8 @@ def torch_layer(arch, params, i):
 
 def run_torch(method: str, shape: dict, out_dir: Path) -> dict:
     import torch
+    sys.path.insert(0, str(Path(__file__).parent))
+    from torch_reference import SparseGPT, WrappedGPT
 
     arch, params, tokens = make_inputs(shape)
     layer, rotary = torch_layer(arch, params, 0)
@@ -257,7 +174,7 @@ def run_torch(method: str, shape: dict, out_dir: Path) -> dict:
         for h in hooks:
             h.remove()
         for name in modules:
-            wrapped[name].prune(RATIO)
+            wrapped[name].prune(RATIO, 0, 0)  # unstructured
         outs = torch.cat([run_layer(inps[j:j + 1]) for j in range(inps.shape[0])])
         seconds = time.perf_counter() - start
     del outs
