@@ -139,6 +139,7 @@ def test_cli_prints_the_splits(corpus, capsys):
 
     class Args:
         data_dir, vocab_size, seq_len, workers, overwrite = corpus.root.parent, VOCAB, SEQ_LEN, None, False
+        tokenizer = None  # train the BPE (not --tokenizer)
 
     assert data_builtin.run(Args) == 0
     out = capsys.readouterr().out
