@@ -492,3 +492,28 @@ def test_sequential_order_recomputes_stats_from_the_pruned_attention(trained):
     np.testing.assert_array_equal(q(ref, "q"), q(seq, "q"))  # same dense inputs for q, k, v
     assert not np.array_equal(q(ref, "o"), q(seq, "o"))     # o sees the pruned attention
     assert seq.report["order"] == "sequential"
+
+
+def test_summary_counts_and_nm_validity_equal_numpy():
+    """`report.summarize` (one layer at a time) against NumPy counts; one broken 2:4 group flips nm_valid."""
+    rng = np.random.default_rng(3)
+    masks = {}
+    for block, name in masks_lib.PRUNABLE:
+        w = np.asarray(masks_lib.get_kernel(random_params(0), block, name))
+        groups = w.reshape(w.shape[0], w.shape[1] // 4, 4, w.shape[2])
+        keep = np.ones(groups.shape, bool)
+        idx = np.argsort(rng.random(groups.shape), axis=2)[:, :, :2]  # 2 random of every 4 inputs pruned
+        np.put_along_axis(keep, idx, False, axis=2)
+        masks[block, name] = keep.reshape(w.shape)
+    total = sum(m.size for m in masks.values())
+    summary = report.summarize({}, masks_lib.from_kernels(masks), "2:4")
+    assert summary["nm_valid"] and summary["sparsity"] == pytest.approx(0.5)
+    masks["mlp", "down"][1, 0:4, 5] = False  # layer 1: one group keeps none (still <= 2 kept: valid)
+    masks["attn", "q"][0, 4:8, 3] = True     # layer 0: one group keeps all four: invalid
+    summary = report.summarize({}, masks_lib.from_kernels(masks), "2:4")
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert summary["sparsity"] == pytest.approx(1 - kept / total, abs=1e-12)
+    assert not summary["nm_valid"] and not summary["matrices"]["attn/q"]["nm_valid"]
+    assert summary["matrices"]["mlp/down"]["nm_valid"]
+    assert summary["matrices"]["mlp/down"]["sparsity"] == pytest.approx(
+        1 - masks["mlp", "down"].sum() / masks["mlp", "down"].size)
