@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from common import machine, random_params
 
 from maxprune.convert import hf
 from maxprune.data.builtin import builtin_corpus
@@ -46,8 +47,6 @@ from maxprune.eval.loading import load_for_eval
 from maxprune.model.arch import Arch
 from maxprune.model.llama import ModelOptions
 from maxprune.model.model_dir import save_model_dir
-
-from common import machine, random_params
 
 RESULTS = Path(__file__).parent / "results" / "eval.json"
 QUICK = dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=192, seq=128, windows=8, docs=20, repeats=1)

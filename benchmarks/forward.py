@@ -21,13 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from common import machine, random_params, time_runs
 
 from maxprune.convert import hf
 from maxprune.model import llama
 from maxprune.model.arch import Arch
 from maxprune.model.model_dir import save_model_dir
-
-from common import machine, random_params, time_runs
 
 RESULTS = Path(__file__).parent / "results" / "forward.json"
 QUICK = dict(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, ffn=192, seq=64, batch=2,

@@ -112,6 +112,7 @@ def build_assets(cache: Path, layers: int | None = None, log=print) -> dict[str,
 def first_layers(src: Path, out: Path, layers: int) -> None:
     """A model dir of the first `layers` decoder layers of `src` (quick development runs)."""
     import jax
+
     from maxprune.model.model_dir import load_model_dir, save_model_dir
     md = load_model_dir(src, as_numpy=True)
     params = {**md.params, "layers": jax.tree.map(lambda a: np.array(a[:layers]), md.params["layers"])}

@@ -103,15 +103,16 @@ class PeakRSS:
 def run_maxprune(method: str, shape: dict, out_dir: Path) -> dict:
     import jax
 
-    from maxprune import config
-    from maxprune.prune import api, engine
+    from maxprune.prune import api
+    from maxprune.prune.engine.options import run_options
+    from maxprune.schema import load_config
 
     arch, params, tokens = make_inputs(shape)
-    cfg = config.load_config(None, [f"--config.prune.method={method}", "--config.prune.batch_size=8",
+    cfg = load_config(None, [f"--config.prune.method={method}", "--config.prune.batch_size=8",
                                     f"--config.prune.ratio={RATIO}"]).prune
 
     def prune(device_params):
-        with engine.run_options(progress=False, reconstruction=False, donate=True, dtype="float32"):
+        with run_options(progress=False, reconstruction=False, donate=True, dtype="float32"):
             return jax.block_until_ready(api.prune(device_params, arch, tokens, cfg))
 
     start = time.perf_counter()
@@ -123,7 +124,8 @@ def run_maxprune(method: str, shape: dict, out_dir: Path) -> dict:
         result = prune(device_params)
         seconds = time.perf_counter() - start
     for name, block in (("q", "attn"), ("down", "mlp")):
-        np.save(out_dir / f"maxprune_{method}_{name}.npy", ~np.asarray(result.masks["layers"][block][name]["kernel"][0]))
+        keep = np.asarray(result.masks["layers"][block][name]["kernel"][0])
+        np.save(out_dir / f"maxprune_{method}_{name}.npy", ~keep)
     return {"seconds_per_layer": seconds, "first_layer_seconds": first, "peak_rss_delta_mb": mem.delta_mb}
 
 
@@ -232,7 +234,8 @@ def main(argv=None) -> None:
                                "speedup": peer["seconds_per_layer"] / ours["seconds_per_layer"],
                                "memory_ratio": ours["peak_rss_delta_mb"] / max(peer["peak_rss_delta_mb"], 1e-9)}
             r = results[method]
-            print(f"{method:10} s/layer maxprune {ours['seconds_per_layer']:8.2f} (first {ours['first_layer_seconds']:.2f})"
+            print(f"{method:10} s/layer maxprune {ours['seconds_per_layer']:8.2f} "
+                  f"(first {ours['first_layer_seconds']:.2f})"
                   f" | torch {peer['seconds_per_layer']:8.2f} | speedup {r['speedup']:.2f}x"
                   f" | peak +MB maxprune {ours['peak_rss_delta_mb']:8.0f} torch {peer['peak_rss_delta_mb']:8.0f}"
                   f" (ratio {r['memory_ratio']:.2f}) | mask agreement {r['mask_agreement_layer0']}", flush=True)

@@ -7,7 +7,7 @@ on the same model, tokens and machine:
   brute force (slice out each block, run the whole model);
 - the architecture search: score once and slice per candidate, vs re-running
   the statistics pass for every candidate;
-- FLAP statistics over chunks of 8 sequences (exact, see maxprune/prune/flap.py)
+- FLAP statistics over chunks of 8 sequences (exact, see maxprune/prune/structured/flap.py)
   vs one sequence per forward, as the reference does.
 
 Each measurement runs in its own process (so peak RSS / device memory is its
@@ -68,6 +68,7 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------- one case
 def setup(preset: dict):
     from common import random_params
+
     from maxprune.model.arch import Arch
 
     arch = Arch(vocab_size=preset["vocab"], hidden_size=preset["hidden"], num_layers=preset["layers"],
@@ -79,17 +80,18 @@ def setup(preset: dict):
 
 
 def run_case(name: str, preset: dict, ratio: float) -> dict:
-    from maxprune import config
-    from maxprune.prune import api, engine
+    from maxprune.prune import api
+    from maxprune.prune.engine.options import run_options
+    from maxprune.schema import load_config
 
     method, overrides, runner, _ = CASES[name]
     arch, params, tokens = setup(preset)
-    cfg = config.load_config(None, [f"--config.prune.method={method}", f"--config.prune.ratio={ratio}",
+    cfg = load_config(None, [f"--config.prune.method={method}", f"--config.prune.ratio={ratio}",
                                     f"--config.prune.batch_size={BATCH}"]
                              + [f"--config.prune.{o}" for o in overrides]).prune
     fn = {"prune": api.prune, "brute_depth": brute_depth, "naive_search": naive_search}[runner]
     times, result = [], None
-    with engine.run_options(dtype="float32", progress=False):
+    with run_options(dtype="float32", progress=False):
         for _ in range(2):  # cold (compiles), warm
             start = time.perf_counter()
             result = fn(params, arch, tokens, cfg)
@@ -125,12 +127,13 @@ def device_peak() -> dict:
 # ------------------------------------------------------------------- peers
 def brute_depth(params, arch, tokens, cfg):
     """Every block removed in turn and the whole pruned model run: (L−k+1)(L−k) layer applications."""
-    from maxprune.prune import engine, search, shapes
     from maxprune.prune.api import PruneResult
-    from maxprune.prune.surgery import Keep, slice_model
+    from maxprune.prune.engine.options import options_for
+    from maxprune.prune.structured import search, shapes
+    from maxprune.prune.structured.surgery import Keep, slice_model
 
     k = arch.num_layers - shapes.depth_layers_kept(arch, cfg.ratio, cfg.minitron_depth.ratio_of)
-    options = engine.options_for(cfg)
+    options = options_for(cfg)
     losses = []
     for i in range(arch.num_layers - k + 1):
         kept = np.array([j for j in range(arch.num_layers) if not i <= j < i + k])
@@ -144,10 +147,12 @@ def brute_depth(params, arch, tokens, cfg):
 
 def naive_search(params, arch, tokens, cfg):
     """The search as a loop of whole prunes: statistics recomputed for every candidate shape."""
-    from maxprune import config
-    from maxprune.prune import api, engine, search, shapes
+    from maxprune.prune import api
+    from maxprune.prune.engine.options import options_for
+    from maxprune.prune.structured import search, shapes
+    from maxprune.schema import load_config
 
-    options = engine.options_for(cfg)
+    options = options_for(cfg)
     if cfg.method == "minitron_width":
         candidates = shapes.minitron_width_candidates(arch, cfg.ratio)
         shape = lambda a: [f"minitron_width.hidden_size={a.hidden_size}", f"minitron_width.ffn_size={a.ffn_size}"]
@@ -157,7 +162,7 @@ def naive_search(params, arch, tokens, cfg):
     best, best_loss = None, np.inf
     for candidate in candidates:
         overrides = [f"method={cfg.method}", f"ratio={cfg.ratio}", f"batch_size={cfg.batch_size}", *shape(candidate)]
-        one = config.load_config(None, [f"--config.prune.{o}" for o in overrides]).prune
+        one = load_config(None, [f"--config.prune.{o}" for o in overrides]).prune
         result = api.prune(params, arch, tokens, one)
         loss = search.calibration_loss(result.params, result.arch, tokens, options)
         if loss < best_loss:

@@ -28,13 +28,14 @@ import ml_collections
 import numpy as np
 import torch
 import transformers
-
 from common import machine, random_params, time_runs
+
 from maxprune.convert import hf
 from maxprune.model import llama
 from maxprune.model.arch import Arch
 from maxprune.model.model_dir import save_model_dir
-from maxprune.train import metrics, optimizer as opt_lib
+from maxprune.train import metrics
+from maxprune.train import optimizer as opt_lib
 from maxprune.train.step import init_state, make_train_step
 
 RESULTS = Path(__file__).parent / "results"

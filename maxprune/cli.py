@@ -69,9 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version and argparse's own usage errors
         return 0 if e.code is None else int(e.code)
     try:
-        from maxprune import config
+        from maxprune import schema
 
-        cfg = config.load_config(args.config, overrides) if args.command_.takes_config else None
+        cfg = schema.load_config(args.config, overrides) if args.command_.takes_config else None
         if args.command_.multihost:  # before any JAX call; a no-op unless the environment asks
             from maxprune import distributed
             distributed.initialize()

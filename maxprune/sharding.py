@@ -68,15 +68,30 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
 
 
 # ----------------------------------------------------------------------- mesh
+def mesh_section() -> dict[str, int]:
+    """The `mesh` config section."""
+    return {"data": 1, "fsdp": -1, "tensor": 1}  # -1: fill with the remaining devices
+
+
+def check_mesh(cfg) -> None:
+    check_mesh_axes({axis: cfg.mesh[axis] for axis in MESH_AXES})
+
+
+def check_mesh_axes(sizes: dict[str, int]) -> list[str]:
+    """Each axis >= 1 or -1, at most one -1; the axes to fill."""
+    for name, size in sizes.items():
+        if size != -1 and size < 1:
+            raise MaxpruneError(f"mesh.{name}={size} must be >= 1, or -1 to use the remaining devices")
+    fill = [name for name, size in sizes.items() if size == -1]
+    if len(fill) > 1:
+        raise MaxpruneError(f"at most one mesh axis may be -1, got -1 for {', '.join('mesh.' + n for n in fill)}")
+    return fill
+
+
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
     """Fill the one ``-1`` axis with the remaining devices; check the product."""
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    for name, size in sizes.items():
-        if size != -1 and size < 1:
-            raise MaxpruneError(f"mesh.{name}={size} must be -1 (fill) or >= 1")
-    fill = [name for name, size in sizes.items() if size == -1]
-    if len(fill) > 1:
-        raise MaxpruneError(f"at most one mesh axis may be -1, got {fill}")
+    fill = check_mesh_axes(sizes)
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if fill:
         if num_devices % fixed:
@@ -109,6 +124,11 @@ def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
     """Make `mesh` and `RULES` current, so the model's activation constraints apply."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
         yield mesh
+
+
+def mesh_scope(mesh: Mesh | None):
+    """`use_mesh` for a mesh; nothing for None (params on a single device, no constraints to apply)."""
+    return use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------- specs
@@ -177,3 +197,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a ``[B, L, ...]`` batch: batch over data×fsdp, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def batch_or_replicated(mesh: Mesh, batch: int, ndim: int = 2) -> NamedSharding:
+    """`batch_sharding` when data×fsdp divides `batch`, else replicated (small batches on many devices)."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    return batch_sharding(mesh, ndim) if batch % dp == 0 else NamedSharding(mesh, PartitionSpec())

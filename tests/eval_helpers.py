@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hf_helpers import random_params
 
-from maxprune.model import preset
+from maxprune.model.arch import preset
 from maxprune.model.model_dir import save_model_dir
 
 # Multiple-choice questions in the tiny corpus's vocabulary (conftest.WORDS).

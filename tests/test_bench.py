@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from maxprune import bench
 from maxprune.cli import main
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import preset
+from maxprune.train import bench
 
 LLAMA8B = preset("llama3.1-8b")
 

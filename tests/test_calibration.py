@@ -5,8 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from maxprune.data.calibration import (calibration_from_prepared, calibration_windows,
-                                       load_calibration_npy)
+from maxprune.data.calibration import calibration_from_prepared, calibration_windows, load_calibration_npy
 from maxprune.errors import MaxpruneError
 
 BOS = 256

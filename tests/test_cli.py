@@ -3,7 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from maxprune import __version__, config
+from maxprune import __version__, schema
 from maxprune.cli import main, split_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def test_help_lists_commands(capsys):
 def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     def interrupt(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(config, "load_config", interrupt)
+    monkeypatch.setattr(schema, "load_config", interrupt)
     assert main(["forward"]) == 130
 
 

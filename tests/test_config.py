@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from maxprune.config import arch_from_config, default_config, load_config, to_dict
 from maxprune.errors import MaxpruneError
+from maxprune.model.schema import arch_from_config
+from maxprune.schema import default_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,8 +41,8 @@ def test_partial_file_merges_onto_defaults(tmp_path):
     cfg = load_config(spec)
     expected = default_config()
     expected.seed = 7
-    assert to_dict(cfg) == expected.to_dict()
-    json.dumps(to_dict(cfg))  # provenance files need it JSON-able
+    assert cfg.to_dict() == expected.to_dict()
+    json.dumps(cfg.to_dict())  # provenance files need it JSON-able
 
 
 def test_override_values_are_coerced():

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import hf_helpers as H
 import numpy as np
 import pytest
 import torch
@@ -15,8 +16,6 @@ from maxprune.convert import hf
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import Arch, RopeScaling, preset
 from maxprune.model.model_dir import load_model_dir, save_model_dir
-
-import hf_helpers as H
 
 TOKENIZER = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": '{"bos_token": "<s>"}'}
 

@@ -114,7 +114,8 @@ def train_args(run_dir, corpus, masks_dir, *extra):
 @pytest.fixture(scope="module")
 def sparse_donor(tmp_path_factory):
     """A model dir with random 50 % masks: the runs train a sparse scratch model under them."""
-    from maxprune.model import llama, masks as masks_lib, model_dir
+    from maxprune.model import llama, model_dir
+    from maxprune.model import masks as masks_lib
     from maxprune.model.arch import preset
 
     arch = preset("tiny").replace(vocab_size=300)

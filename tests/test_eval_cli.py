@@ -60,11 +60,11 @@ def test_metrics_hold_every_number(evaluated):
 
 
 def test_protocol_names_the_papers():
-    from maxprune import config
-    paper = config.load_config("configs/study/paper.py").eval
+    from maxprune.schema import load_config
+    paper = load_config("configs/study/paper.py").eval
     assert summary.protocol(paper, "/data/dclm-val")["name"] == "paper"
     assert summary.protocol(paper, None)["name"] == "custom"  # no validation loss: not the paper's protocol
-    offline = config.load_config("configs/eval/offline.py").eval
+    offline = load_config("configs/eval/offline.py").eval
     assert summary.protocol(offline, None)["name"] == "offline"
 
 

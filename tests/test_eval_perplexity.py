@@ -67,8 +67,8 @@ def test_perplexity_equals_transformers_on_export(setup, tmp_path):
 
 def test_masked_model_equals_export_with_masks_baked_in(setup, tmp_path):
     """Sparse models: the forward multiplies by the masks; the export zeroes the weights."""
-    from hf_helpers import random_params
     from eval_helpers import tiny_arch
+    from hf_helpers import random_params
     params = random_params(tiny_arch(), 0)
     rng = np.random.default_rng(0)
     masks = {"layers": {"mlp": {name: rng.random(params["layers"]["mlp"][name]["kernel"].shape) > 0.5
@@ -83,7 +83,7 @@ def test_masked_model_equals_export_with_masks_baked_in(setup, tmp_path):
 
 
 def test_validation_loss_equals_direct_loss(setup, tiny_corpus):
-    from maxprune.data.prepare import open_prepared
+    from maxprune.data.prepared import open_prepared
     from maxprune.model import llama
     model = load_for_eval(setup["model_dir"])
     result = ppl_lib.validation_loss(model, str(tiny_corpus["validation"]), n_seqs=12, batch_size=8,
@@ -126,8 +126,8 @@ def test_same_perplexity_on_any_mesh(setup):
 def test_packed_scoring_equals_scoring_each_sequence_alone(pack_length, batch_size):
     """Questions with shared contexts and 1..9-token answers, some too many to fit one row
     (trees split), a context longer than `pack_length`, and several calls."""
-    from hf_helpers import random_params
     from eval_helpers import tiny_arch
+    from hf_helpers import random_params
 
     from maxprune import sharding
     from maxprune.eval.scoring import Scorer
@@ -158,8 +158,8 @@ def test_packed_scoring_equals_scoring_each_sequence_alone(pack_length, batch_si
 
 def test_packed_calls_keep_their_logits_under_the_budget(monkeypatch):
     """A tiny logits budget: calls shrink to the shard count, and the scores do not change."""
-    from hf_helpers import random_params
     from eval_helpers import tiny_arch
+    from hf_helpers import random_params
 
     from maxprune import sharding
     from maxprune.eval import scoring

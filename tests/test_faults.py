@@ -18,14 +18,16 @@ import numpy as np
 import optax
 import pytest
 
-from maxprune import config, locks
 from maxprune.errors import Diverged, MaxpruneError
+from maxprune.fs import locks
 from maxprune.model import model_dir
 from maxprune.model.arch import preset
 from maxprune.model.llama import init_params
+from maxprune.schema import load_config
+from maxprune.train import build, trainer
 from maxprune.train import optimizer as opt_lib
-from maxprune.train import trainer
 from maxprune.train.metrics import read_metrics
+from maxprune.train.run_dir import read_status
 
 ARCH = preset("tiny").replace(vocab_size=300)
 
@@ -97,7 +99,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bit_exact(tmp_path, ti
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("maxprune: stopped: SIGTERM: saved checkpoint step") and "Traceback" not in err
-    status = trainer.read_status(run_dir)
+    status = read_status(run_dir)
     saved = int(last.split("checkpoint step ")[1].split()[0])
     assert status["status"] == "preempted" and status["steps"] == saved
     assert (run_dir / "checkpoints" / str(saved)).is_dir()
@@ -110,7 +112,7 @@ def test_kill9_at_random_moments_loses_nothing_and_ends_bit_exact(tmp_path, tiny
     """At least 10 SIGKILLs at random moments (steps, async checkpoint writes), then one resume to the end."""
     run_dir, rng = tmp_path / "run", random.Random(0)
     kills, during_write = 0, 0
-    total = trainer.read_status(straight)["total_steps"]
+    total = read_status(straight)["total_steps"]
     while kills < 12:
         logged = _logged_step(run_dir)
         proc = subprocess.Popen(_train_args(run_dir, tiny_corpus), stdout=subprocess.DEVNULL,
@@ -123,7 +125,7 @@ def test_kill9_at_random_moments_loses_nothing_and_ends_bit_exact(tmp_path, tiny
         proc.stderr.close()
         kills += 1
         during_write += any(".orbax-checkpoint-tmp" in p.name for p in (run_dir / "checkpoints").iterdir())
-        status = trainer.read_status(run_dir)
+        status = read_status(run_dir)
         latest = max((int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()), default=0)
         assert latest <= _logged_step(run_dir) and status["status"] == "running"
         assert latest < total, "the run got too short for 12 kills"
@@ -139,14 +141,14 @@ def _cfg(corpus, run_tokens="4K", *overrides):
             "--config.model.dtype=float32", f"--config.train.tokens={run_tokens}", "--config.train.log_every=100",
             "--config.train.checkpoint_every=3", "--config.train.tensorboard=False",
             "--config.train.async_checkpoint=False"]
-    return config.load_config(None, base + list(overrides))
+    return load_config(None, base + list(overrides))
 
 
 @pytest.fixture
 def poison_loss(monkeypatch):
     """Make the logged loss non-finite at the given (1-based) steps; the update itself is the real one."""
     def install(steps):
-        real = trainer.make_train_step
+        real = build.make_train_step
 
         def make(*args, **kwargs):
             step = real(*args, **kwargs)
@@ -156,7 +158,7 @@ def poison_loss(monkeypatch):
                 bad = jnp.isin(state.step + 1, jnp.asarray(steps))
                 return new, {**metrics, "loss": jnp.where(bad, jnp.nan, metrics["loss"])}
             return poisoned
-        monkeypatch.setattr(trainer, "make_train_step", make)
+        monkeypatch.setattr(build, "make_train_step", make)
     return install
 
 
@@ -168,7 +170,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
         trainer.run(_cfg(tiny_corpus), run_dir, progress=False)
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [3, 6]  # nothing saved at or after the bad step
-    assert trainer.read_status(run_dir) == {"status": "diverged", "steps": 8, "total_steps": 16,
+    assert read_status(run_dir) == {"status": "diverged", "steps": 8, "total_steps": 16,
                                             "last_checkpoint": 6}
     assert Diverged("x").exit_code == 3
 
@@ -198,7 +200,7 @@ def test_a_nan_weight_stops_at_step_1_with_exit_3(tmp_path, tiny_corpus, capsys)
 
 
 def test_skipped_updates_leave_params_and_moments_unchanged():
-    recipe = config.load_config(None, ["--config.train.skip_nonfinite=1"]).train
+    recipe = load_config(None, ["--config.train.skip_nonfinite=1"]).train
     opt = opt_lib.make_optimizer(recipe, 10)
     params = {"w": {"kernel": jnp.ones((2, 2))}}
     state = opt.init(params)
@@ -223,7 +225,7 @@ def test_second_trainer_on_the_same_run_dir_is_refused(tmp_path, tiny_corpus):
 def test_a_dead_holders_lock_does_not_block(tmp_path):
     # flock: a process killed while holding the lock frees it
     code = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); "
-            f"from maxprune import locks; ctx = locks.dir_lock({str(tmp_path)!r}, 'x'); ctx.__enter__(); "
+            f"from maxprune.fs import locks; ctx = locks.dir_lock({str(tmp_path)!r}, 'x'); ctx.__enter__(); "
             f"print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -2,27 +2,28 @@
 
 import functools
 
+import hf_helpers as H
 import jax
 import numpy as np
 import pytest
 
-from maxprune import config
 from maxprune.errors import MaxpruneError
 from maxprune.model import llama
 from maxprune.model.arch import preset
-from maxprune.prune import api, engine, flap, shapes
-
-import hf_helpers as H
+from maxprune.prune import api
+from maxprune.prune.engine.options import EngineOptions, run_options
+from maxprune.prune.structured import flap, shapes
+from maxprune.schema import load_config
 
 ARCH = preset("tiny").replace(vocab_size=300, num_layers=3, num_heads=8, num_kv_heads=4)  # groups of 2 heads
-OPTIONS = engine.EngineOptions(batch_size=3, dtype="float32", progress=False)  # 8 = 3 + 3 + 2: uneven chunks
+OPTIONS = EngineOptions(batch_size=3, dtype="float32", progress=False)  # 8 = 3 + 3 + 2: uneven chunks
 CALIB = np.random.RandomState(0).randint(0, 300, (8, 24)).astype(np.int32)
 PARAMS = H.random_params(ARCH)
 
 
 def run(*overrides):
-    cfg = config.load_config(None, ["--config.prune.method=flap", "--config.prune.batch_size=4", *overrides]).prune
-    with engine.run_options(dtype="float32", progress=False):
+    cfg = load_config(None, ["--config.prune.method=flap", "--config.prune.batch_size=4", *overrides]).prune
+    with run_options(dtype="float32", progress=False):
         return api.prune(PARAMS, ARCH, CALIB, cfg)
 
 
@@ -173,7 +174,7 @@ def test_bad_shape_is_a_clear_error(overrides, fragment):
 ])
 def test_bad_config_is_a_clear_error(overrides, fragment):
     with pytest.raises(MaxpruneError, match=fragment):
-        config.load_config(None, ["--config.prune.method=flap", *overrides])
+        load_config(None, ["--config.prune.method=flap", *overrides])
 
 
 # ------------------------------------------------------------ end to end
@@ -185,7 +186,7 @@ def prune_train_export(tmp_path, corpus, method_overrides, arch=ARCH, params=PAR
 
     save_model_dir(tmp_path / "parent", arch, params, tokenizer_dir=corpus["root"] / "tokenizer")
     common = ["--config.model.dtype=float32", "--config.model.arch.vocab_size=300"]
-    cfg = config.load_config(None, common + [
+    cfg = load_config(None, common + [
         f"--config.prune.input={tmp_path / 'parent'}", f"--config.prune.output={tmp_path / 'pruned'}",
         f"--config.prune.calibration={corpus['validation']}", "--config.prune.n_samples=8", *method_overrides])
     prune_model_dir(cfg, progress=False)
@@ -206,7 +207,7 @@ def prune_train_export(tmp_path, corpus, method_overrides, arch=ARCH, params=PAR
 def _train_two_steps(tmp_path, corpus, common):
     from maxprune.train import trainer
 
-    cfg = config.load_config(None, common + [
+    cfg = load_config(None, common + [
         f"--config.train.init={tmp_path / 'pruned'}", f"--config.data.train={corpus['train']}",
         "--config.train.tokens=512", "--config.train.tensorboard=False", "--config.train.async_checkpoint=False"])
     trained = trainer.train(cfg, tmp_path / "run", progress=False)

@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from maxprune import integrity
 from maxprune.cli import main
-from maxprune.data.prepare import open_prepared
+from maxprune.data.prepared import open_prepared
 from maxprune.errors import MaxpruneError
-from maxprune.model import llama, masks as masks_lib, model_dir
+from maxprune.fs import integrity
+from maxprune.model import llama, model_dir
+from maxprune.model import masks as masks_lib
 from maxprune.model.arch import preset
 
 

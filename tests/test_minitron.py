@@ -2,31 +2,32 @@
 
 import functools
 
+import hf_helpers as H
 import jax
 import numpy as np
 import pytest
 
-from maxprune import config
 from maxprune.errors import MaxpruneError
 from maxprune.model import llama
 from maxprune.model.arch import preset
-from maxprune.prune import api, engine, minitron, search, shapes
-from maxprune.prune.surgery import Keep, slice_model
-
-import hf_helpers as H
+from maxprune.prune import api
+from maxprune.prune.engine.options import EngineOptions, run_options
+from maxprune.prune.structured import minitron, search, shapes
+from maxprune.prune.structured.surgery import Keep, slice_model
+from maxprune.schema import load_config
 
 ARCH = preset("tiny").replace(vocab_size=300, num_layers=5)
-OPTIONS = engine.EngineOptions(batch_size=4, dtype="float32", progress=False)
+OPTIONS = EngineOptions(batch_size=4, dtype="float32", progress=False)
 CALIB = np.random.RandomState(0).randint(0, 300, (8, 24)).astype(np.int32)
 PARAMS = H.random_params(ARCH)
 
 
 def prune_cfg(*overrides):
-    return config.load_config(None, ["--config.prune.batch_size=4", *overrides]).prune
+    return load_config(None, ["--config.prune.batch_size=4", *overrides]).prune
 
 
 def run(method, *overrides):
-    with engine.run_options(dtype="float32", progress=False):
+    with run_options(dtype="float32", progress=False):
         return api.prune(PARAMS, ARCH, CALIB, prune_cfg(f"--config.prune.method={method}", *overrides))
 
 

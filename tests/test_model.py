@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from maxprune import sharding
-from maxprune.model import llama, masks as masks_lib
+from maxprune.model import llama
+from maxprune.model import masks as masks_lib
 from maxprune.model.arch import Arch, preset
 from maxprune.model.layers import gqa_attention
 

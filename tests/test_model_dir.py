@@ -9,7 +9,8 @@ import pytest
 
 from maxprune import sharding
 from maxprune.errors import MaxpruneError
-from maxprune.model import llama, masks as masks_lib, model_dir
+from maxprune.model import llama, model_dir
+from maxprune.model import masks as masks_lib
 from maxprune.model.arch import preset
 
 

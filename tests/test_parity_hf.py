@@ -1,5 +1,6 @@
 """Logits parity with transformers' LlamaForCausalLM (torch fp32, CPU), both conversion directions."""
 
+import hf_helpers as H
 import numpy as np
 import pytest
 
@@ -7,8 +8,6 @@ from maxprune.convert import hf
 from maxprune.model import masks as masks_lib
 from maxprune.model.arch import Arch, RopeScaling
 from maxprune.model.model_dir import load_model_dir, save_model_dir
-
-import hf_helpers as H
 
 TOL = 1e-4
 

@@ -8,7 +8,8 @@ import pytest
 from maxprune.cli import main
 from maxprune.data import packing
 from maxprune.data import shards as shards_lib
-from maxprune.data.prepare import open_prepared, prepare
+from maxprune.data.prepare import prepare
+from maxprune.data.prepared import open_prepared
 from maxprune.data.tokenizer import Tokenizer, train_bpe
 from maxprune.errors import MaxpruneError
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from hf_helpers import random_params
 
-from maxprune import config
-from maxprune.model import preset
+from maxprune.model.arch import preset
 from maxprune.model.model_dir import read_arch, save_model_dir
 from maxprune.prune import api
 from maxprune.prune.run import prune_model_dir
+from maxprune.schema import load_config
 
 SMOL = preset("tiny").replace(vocab_size=512, hidden_size=576, num_layers=2, num_heads=9, num_kv_heads=3,
                               head_dim=64, ffn_size=1536, tie_embeddings=True, rope_theta=1e5, rope_scaling=None,
@@ -42,7 +42,7 @@ def test_shipped_config_prunes_a_smollm2_shaped_model(parent, tmp_path, spec):
     if spec.startswith("sheared"):
         budget += ["--config.prune.sheared_llama.tokens=512", "--config.prune.sheared_llama.global_batch=4",
                    "--config.prune.sheared_llama.lagrangian_warmup=1", "--config.prune.sheared_llama.remat=none"]
-    cfg = config.load_config(f"configs/prune/{spec}", [
+    cfg = load_config(f"configs/prune/{spec}", [
         f"--config.prune.input={model}", f"--config.prune.output={tmp_path / 'out'}",
         f"--config.prune.calibration={calibration}", *budget])
     expected = api.target_shape(SMOL, cfg.prune)

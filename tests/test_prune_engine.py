@@ -7,11 +7,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxprune import config, sharding
+from maxprune import sharding
 from maxprune.errors import MaxpruneError
-from maxprune.model import llama, masks as masks_lib, model_dir
+from maxprune.model import llama, model_dir
+from maxprune.model import masks as masks_lib
 from maxprune.model.arch import preset
-from maxprune.prune import engine, run, stack_writer, wanda
+from maxprune.prune import run
+from maxprune.prune.engine import stack_writer
+from maxprune.prune.engine.layer import (
+    ALL_LINEARS,
+    SEQUENTIAL_GROUPS,
+    SITES,
+    check_reference_groups,
+    get_linear,
+    run_layer,
+    set_linears,
+)
+from maxprune.prune.engine.loop import collect_stats, prune_layerwise
+from maxprune.prune.engine.options import EngineOptions, options_for, run_options
+from maxprune.prune.sparse import wanda
+from maxprune.schema import load_config
 
 ARCH = preset("tiny").replace(vocab_size=300)
 FP32 = llama.ModelOptions(dtype="float32")
@@ -27,7 +42,7 @@ def random_params(seed: int):
         return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(draw, llama.abstract_params(ARCH))
-OPTS = engine.EngineOptions(batch_size=4, progress=False)  # 6 sequences: chunks of 4 and 2
+OPTS = EngineOptions(batch_size=4, progress=False)  # 6 sequences: chunks of 4 and 2
 _layer = jax.jit(lambda layer, x: llama.apply_layer(layer, x, ARCH, options=FP32, capture=True))
 
 
@@ -43,7 +58,7 @@ def _manual_sites(params, calibration):
     x = np.asarray(params["embed"]["embedding"])[calibration]
     out = []
     for i in range(ARCH.num_layers):
-        y, sites = engine.run_layer(jax.tree.map(lambda a: a[i], params["layers"]), jnp.asarray(x), ARCH, FP32)
+        y, sites = run_layer(jax.tree.map(lambda a: a[i], params["layers"]), jnp.asarray(x), ARCH, FP32)
         out.append({k: np.asarray(v, np.float64) for k, v in sites.items()})
         x = np.asarray(y)
     return out
@@ -53,7 +68,7 @@ def _manual_sites(params, calibration):
 class Sums:
     """Σ over tokens of each site, / n_sequences."""
 
-    sites: tuple = engine.SITES
+    sites: tuple = SITES
 
     def init(self, dims):
         return {s: jnp.zeros((d,), jnp.float32) for s, d in dims.items()}
@@ -75,26 +90,26 @@ class Keep:
         self.calls.append((tuple(linears), stats))
         masks = {}
         if self.prune is not None:
-            masks = {n: self.prune(engine.stacked_linear(layers, n)[i]) for n in linears}
+            masks = {n: self.prune(get_linear(layers, n)[i]) for n in linears}
         return {}, masks, {n: {"seen": True} for n in linears}
 
 
 def test_collect_stats_sees_every_site_of_the_dense_model(setup):
     params, calibration = setup
-    stats = engine.collect_stats(params, ARCH, calibration, Sums(), OPTS)
+    stats = collect_stats(params, ARCH, calibration, Sums(), OPTS)
     for i, expected in enumerate(_manual_sites(params, calibration)):
-        for site in engine.SITES:
+        for site in SITES:
             np.testing.assert_allclose(stats[i][site], expected[site].sum(axis=(0, 1)) / 6, rtol=1e-4, atol=1e-5,
                                        err_msg=f"layer {i} {site}")
     # chunking does not change the statistics
-    again = engine.collect_stats(params, ARCH, calibration, Sums(), dataclasses.replace(OPTS, batch_size=1))
+    again = collect_stats(params, ARCH, calibration, Sums(), dataclasses.replace(OPTS, batch_size=1))
     np.testing.assert_allclose(again[1]["mlp_hidden"], stats[1]["mlp_hidden"], rtol=1e-4, atol=1e-6)
 
 
 def test_a_pruner_that_keeps_everything_changes_nothing(setup):
     params, calibration = setup
     keep = Keep(accumulator=Sums())
-    result = engine.prune_layerwise(params, ARCH, calibration, keep, OPTS)
+    result = prune_layerwise(params, ARCH, calibration, keep, OPTS)
     assert result.masks is None
     for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -103,13 +118,13 @@ def test_a_pruner_that_keeps_everything_changes_nothing(setup):
     assert all(r["linears"]["down"]["rel_error"] == 0 and r["linears"]["q"]["seen"] for r in rows)
     assert result.report["calibration_tokens"] == 6 * 16
     # reference order: one call per layer, all seven linears, dense statistics of every linear site
-    assert [c[0] for c in keep.calls] == [engine.ALL_LINEARS] * 2
+    assert [c[0] for c in keep.calls] == [ALL_LINEARS] * 2
     assert set(keep.calls[0][1]) == {"attn_in", "attn_out", "mlp_in", "mlp_hidden"}
 
 
 def test_pruning_everything_has_relative_error_one_and_zeroes_the_kernels(setup):
     params, calibration = setup
-    result = engine.prune_layerwise(params, ARCH, calibration, Keep(prune=lambda w: jnp.zeros(w.shape, bool)), OPTS)
+    result = prune_layerwise(params, ARCH, calibration, Keep(prune=lambda w: jnp.zeros(w.shape, bool)), OPTS)
     assert all(v["rel_error"] == pytest.approx(1.0) and v["sparsity"] == 1.0
                for r in result.report["layers"] for v in r["linears"].values())
     assert masks_lib.count_nonzero_prunable(result.params) == 0
@@ -119,14 +134,14 @@ def test_sequential_order_takes_stats_from_the_partly_pruned_layer(setup):
     params, calibration = setup
     half = lambda w: jnp.abs(w) > jnp.median(jnp.abs(w))
     keep = Keep(accumulator=Sums(), prune=half)
-    result = engine.prune_layerwise(params, ARCH, calibration, keep, dataclasses.replace(OPTS, order="sequential"))
-    assert [c[0] for c in keep.calls[:4]] == list(engine.SEQUENTIAL_GROUPS)
+    result = prune_layerwise(params, ARCH, calibration, keep, dataclasses.replace(OPTS, order="sequential"))
+    assert [c[0] for c in keep.calls[:4]] == list(SEQUENTIAL_GROUPS)
     assert [set(c[1]) for c in keep.calls[:4]] == [{"attn_in"}, {"attn_out"}, {"mlp_in"}, {"mlp_hidden"}]
     # o's statistics: the attention output of layer 0 with q, k, v already pruned
     layer0 = jax.tree.map(lambda a: a[0], params["layers"])
-    qkv = {n: engine.get_linear(layer0, n) * half(engine.get_linear(layer0, n)) for n in "qkv"}
+    qkv = {n: get_linear(layer0, n) * half(get_linear(layer0, n)) for n in "qkv"}
     x = jnp.asarray(np.asarray(params["embed"]["embedding"])[calibration])
-    _, sites = engine.run_layer(engine.set_linears(layer0, qkv), x, ARCH, FP32)
+    _, sites = run_layer(set_linears(layer0, qkv), x, ARCH, FP32)
     np.testing.assert_allclose(keep.calls[1][1]["attn_out"], np.asarray(sites["attn_out"]).sum((0, 1)) / 6,
                                rtol=1e-4, atol=1e-5)
     assert result.report["order"] == "sequential"
@@ -138,22 +153,22 @@ def test_reference_groups_last_site_first_see_the_dense_layer(setup):
     half = lambda w: jnp.abs(w) > jnp.median(jnp.abs(w))
     keep = Keep(accumulator=Sums(), prune=half)
     keep.reference_groups = (("down",), ("gate", "up"), ("o",), ("q", "k", "v"))
-    grouped = engine.prune_layerwise(params, ARCH, calibration, keep, OPTS)
+    grouped = prune_layerwise(params, ARCH, calibration, keep, OPTS)
     assert [c[0] for c in keep.calls[:4]] == list(keep.reference_groups)
     for (_, stats), site in zip(keep.calls[:4], ("mlp_hidden", "mlp_in", "attn_out", "attn_in")):
         np.testing.assert_allclose(stats[site], _manual_sites(params, calibration)[0][site].sum((0, 1)) / 6,
                                    rtol=1e-4, atol=1e-5, err_msg=site)
-    whole = engine.prune_layerwise(params, ARCH, calibration, Keep(accumulator=Sums(), prune=half), OPTS)
+    whole = prune_layerwise(params, ARCH, calibration, Keep(accumulator=Sums(), prune=half), OPTS)
     for a, b in zip(jax.tree.leaves((grouped.params, grouped.masks)), jax.tree.leaves((whole.params, whole.masks))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(grouped.report["layers"], whole.report["layers"]):
-        for name in engine.ALL_LINEARS:
+        for name in ALL_LINEARS:
             assert a["linears"][name]["sparsity"] == b["linears"][name]["sparsity"]
             assert a["linears"][name]["rel_error"] == pytest.approx(b["linears"][name]["rel_error"], rel=1e-5)
     with pytest.raises(MaxpruneError, match="reads a site after"):
-        engine.check_reference_groups((("q", "k", "v"), ("o", "gate", "up", "down")))
+        check_reference_groups((("q", "k", "v"), ("o", "gate", "up", "down")))
     with pytest.raises(MaxpruneError, match="once"):
-        engine.check_reference_groups((("down",), ("q", "k", "v")))
+        check_reference_groups((("down",), ("q", "k", "v")))
 
 
 def test_in_place_helpers_work_block_by_block():
@@ -171,10 +186,10 @@ def test_in_place_helpers_work_block_by_block():
 def test_sharded_params_prune_alike_keep_their_shardings_and_survive_unless_donated(setup, devices8):
     params, calibration = setup
     mesh = sharding.make_mesh(None, devices8)
-    cfg = config.load_config(None, ["--config.prune.batch_size=4"]).prune
+    cfg = load_config(None, ["--config.prune.batch_size=4"]).prune
     plain = wanda.prune(params, ARCH, calibration, cfg)
     sharded = sharding.shard_tree(params, mesh)
-    with engine.run_options(progress=False):
+    with run_options(progress=False):
         result = wanda.prune(sharded, ARCH, calibration, cfg)
     for a, b in zip(jax.tree.leaves(plain.masks), jax.tree.leaves(result.masks)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -183,7 +198,7 @@ def test_sharded_params_prune_alike_keep_their_shardings_and_survive_unless_dona
     assert result.masks["layers"]["attn"]["q"]["kernel"].sharding.is_equivalent_to(q_in.sharding, 3)
     assert not q_in.is_deleted()  # the caller's params are intact without donate
     own = sharding.shard_tree(jax.tree.map(jnp.copy, params), mesh)  # device_put may alias `params`
-    with engine.run_options(progress=False, donate=True):
+    with run_options(progress=False, donate=True):
         wanda.prune(own, ARCH, calibration, cfg)
     assert own["layers"]["attn"]["q"]["kernel"].is_deleted()
 
@@ -193,7 +208,7 @@ def test_a_sparse_parents_masks_are_baked_in(setup):
     rng = np.random.default_rng(1)
     parent = masks_lib.from_kernels({k: rng.random(masks_lib.get_kernel(params, *k).shape) > 0.3
                                      for k in masks_lib.PRUNABLE})
-    result = engine.prune_layerwise(params, ARCH, calibration, Keep(), OPTS, masks=parent)
+    result = prune_layerwise(params, ARCH, calibration, Keep(), OPTS, masks=parent)
     expected = masks_lib.apply_masks(params, parent)
     for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -205,17 +220,17 @@ def test_a_sparse_parents_masks_are_baked_in(setup):
 ])
 def test_bad_calibration_tokens(setup, tokens, match):
     with pytest.raises(MaxpruneError, match=match):
-        engine.prune_layerwise(setup[0], ARCH, tokens, Keep(), OPTS)
+        prune_layerwise(setup[0], ARCH, tokens, Keep(), OPTS)
 
 
 def test_options_come_from_the_config_and_run_options():
-    cfg = config.load_config(None, ["--config.prune.batch_size=3", "--config.prune.order=sequential"]).prune
-    with engine.run_options(dtype="bfloat16", progress=False):
-        opts = engine.options_for(cfg)
+    cfg = load_config(None, ["--config.prune.batch_size=3", "--config.prune.order=sequential"]).prune
+    with run_options(dtype="bfloat16", progress=False):
+        opts = options_for(cfg)
         assert (opts.batch_size, opts.order, opts.dtype, opts.progress) == (3, "sequential", "bfloat16", False)
-    assert engine.options_for().dtype == "float32"
+    assert options_for().dtype == "float32"
     with pytest.raises(MaxpruneError, match="prune.order"):
-        engine.EngineOptions(order="random")
+        EngineOptions(order="random")
 
 
 # ------------------------------------------------------------------ run.py
@@ -232,7 +247,7 @@ def parent(tmp_path_factory, tiny_corpus):
 
 def _p(**values):
     overrides = [f"--config.prune.{k}={v}" for k, v in values.items()]
-    return config.load_config(None, overrides).prune
+    return load_config(None, overrides).prune
 
 
 def test_calibration_from_npy_prepared_and_source(tmp_path, parent, tiny_corpus):

@@ -17,15 +17,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import random_documents
 
-from maxprune import config
 from maxprune.convert import gguf as gguf_convert
 from maxprune.data.tokenizer import Tokenizer
-from maxprune.model import llama, masks as masks_lib
+from maxprune.model import llama
+from maxprune.model import masks as masks_lib
 from maxprune.model.model_dir import load_model_dir
-from maxprune.prune import api, engine
-
-from conftest import random_documents
+from maxprune.prune import api
+from maxprune.prune.engine.options import run_options
+from maxprune.schema import load_config
 
 LAYERS, N_SAMPLES, SEQ_LEN = 2, 8, 128
 LINEAR_BLOCK = {name: (block, name) for block, name in masks_lib.PRUNABLE}
@@ -110,10 +111,10 @@ def smollm2_first_layers(tmp_path_factory):
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_wanda_masks_on_smollm2_equal_numpy(smollm2_first_layers, pattern):
     arch, params, tokens = smollm2_first_layers
-    cfg = config.load_config(None, ["--config.prune.method=wanda", f"--config.prune.pattern={pattern}",
+    cfg = load_config(None, ["--config.prune.method=wanda", f"--config.prune.pattern={pattern}",
                                     "--config.prune.ratio=0.5", "--config.prune.batch_size=4",
                                     "--config.model.dtype=float32"]).prune
-    with engine.run_options(progress=False, dtype="float32"):
+    with run_options(progress=False, dtype="float32"):
         result = api.prune(params, arch, tokens, cfg)
     nm = None if pattern == "unstructured" else (2, 4)
 

@@ -15,12 +15,17 @@ import numpy as np
 import optax
 import pytest
 
-from maxprune import config
 from maxprune.cli import main
 from maxprune.errors import MaxpruneError
-from maxprune.model import llama, masks as masks_lib, model_dir
+from maxprune.model import llama, model_dir
+from maxprune.model import masks as masks_lib
 from maxprune.model.arch import preset
-from maxprune.prune import api, engine, magnitude, nm as nm_lib, report, run, sparsegpt, wanda
+from maxprune.prune import api, run
+from maxprune.prune.engine.layer import LINEARS
+from maxprune.prune.engine.options import run_options
+from maxprune.prune.sparse import magnitude, report, sparsegpt, wanda
+from maxprune.prune.sparse import nm as nm_lib
+from maxprune.schema import load_config
 
 ARCH = preset("tiny").replace(vocab_size=300)
 FP32 = llama.ModelOptions(dtype="float32")
@@ -36,7 +41,7 @@ def random_params(seed: int):
         return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(draw, llama.abstract_params(ARCH))
-LINEAR_BLOCK = dict(engine.LINEARS)
+LINEAR_BLOCK = dict(LINEARS)
 
 
 # =================================================================== references
@@ -198,13 +203,13 @@ def test_sparsegpt_matches_the_reference(nm, width, dead):
 # ================================================================ tiny model
 def _cfg(method, pattern="unstructured", *overrides):
     ratio = 0.5
-    return config.load_config(None, [f"--config.prune.method={method}", f"--config.prune.pattern={pattern}",
+    return load_config(None, [f"--config.prune.method={method}", f"--config.prune.pattern={pattern}",
                                      f"--config.prune.ratio={ratio}", "--config.prune.batch_size=4",
                                      "--config.model.dtype=float32", *overrides])
 
 
 def _prune(params, calibration, method, pattern="unstructured", *overrides):
-    with engine.run_options(progress=False):
+    with run_options(progress=False):
         return api.prune(params, ARCH, calibration, _cfg(method, pattern, *overrides).prune)
 
 
@@ -347,7 +352,8 @@ def test_activation_aware_methods_beat_magnitude_and_unstructured_beats_2_4(trai
         for pattern in ("unstructured", "2:4"):
             result = _pruned(trained, method, pattern)
             loss[method, pattern] = _loss(result.params, calibration)
-            error[method, pattern] = np.mean([m["rel_error_mean"] for m in result.report["summary"]["matrices"].values()])
+            matrices = result.report["summary"]["matrices"].values()
+            error[method, pattern] = np.mean([m["rel_error_mean"] for m in matrices])
     for pattern in ("unstructured", "2:4"):
         for method in ("wanda", "sparsegpt"):
             assert error[method, pattern] < error["magnitude", pattern], (method, pattern, error)
@@ -399,7 +405,7 @@ def test_pruned_model_dir_trains_keeps_its_zeros_and_exports(tmp_path, parent, t
     assert json.loads((out / run.REPORT_FILE).read_text())["layers"][0]["linears"]["q"]["sparsity"] == 0.5
     report.verify_masks(md.params, md.masks, "2:4")
 
-    cfg = config.load_config(None, [f"--config.train.init={out}", f"--config.data.train={tiny_corpus['train']}",
+    cfg = load_config(None, [f"--config.train.init={out}", f"--config.data.train={tiny_corpus['train']}",
                                     "--config.model.dtype=float32", "--config.train.tokens=1K",
                                     "--config.train.tensorboard=False"])
     result = trainer.train(cfg, tmp_path / "retrain", progress=False)

@@ -15,15 +15,16 @@ import jax
 import numpy as np
 import pytest
 
-from maxprune import config
 from maxprune.cli import main
 from maxprune.data import builtin
-from maxprune.data.prepare import open_prepared
+from maxprune.data.prepared import open_prepared
 from maxprune.data.tokenizer import Tokenizer, train_bpe
 from maxprune.errors import MaxpruneError
 from maxprune.model import llama
 from maxprune.model.arch import preset
 from maxprune.model.model_dir import save_model_dir
+from maxprune.model.schema import arch_from_config
+from maxprune.schema import load_config
 from maxprune.study import plan as plan_lib
 from maxprune.study import real
 
@@ -146,13 +147,13 @@ def test_cli_builtin_and_prepare_take_a_model_dir(small_corpus, model, tmp_path,
 
 # ------------------------------------------------------------ the study's plan
 def _real_plan(*overrides):
-    cfg = config.load_config("configs/study/real.py", list(overrides))
-    return cfg, plan_lib.plan_study(cfg, config.arch_from_config(cfg), real.SEQ_LEN)
+    cfg = load_config("configs/study/real.py", list(overrides))
+    return cfg, plan_lib.plan_study(cfg, arch_from_config(cfg), real.SEQ_LEN)
 
 
 def test_real_plan_runs_shapes_and_budgets():
     cfg, plan = _real_plan()
-    parent = config.arch_from_config(cfg)
+    parent = arch_from_config(cfg)
     assert {k: getattr(parent, k) for k in real.ARCH} == real.ARCH and parent.rope_scaling is None
     ids = ["minitron_depth-r50", "minitron_width-r50", "flap-r50", "sheared_llama-r50", "wanda-u-r50",
            "wanda-2of4-r50", "sparsegpt-u-r50", "sparsegpt-2of4-r50"]
@@ -193,11 +194,12 @@ def test_demo_config_wires_the_parent_corpus_and_calibration(small_corpus, model
     from maxprune.study.runner import make_plan
     parent = model
     monkeypatch.setattr(real, "real_parent", lambda log=None: parent)
-    cfg = real.demo_config(config.load_config("configs/study/real.py", ["--config.study.retrain_tokens=('2K',)"]))
+    cfg = real.demo_config(load_config("configs/study/real.py", ["--config.study.retrain_tokens=('2K',)"]))
     text = builtin.builtin_source("train")
     corpus = Path(cfg.data.train).parents[1]
     assert corpus.name == f"tok-{Tokenizer.load(parent).hash[:12]}-L{real.SEQ_LEN}"
-    assert cfg.eval.tokenizer == str(corpus / "tokenizer") and cfg.eval.validation == str(corpus / "prepared/validation")
+    assert cfg.eval.tokenizer == str(corpus / "tokenizer")
+    assert cfg.eval.validation == str(corpus / "prepared/validation")
     assert dict(cfg.study.imported) == {real.NAME: str(parent)} and cfg.model.arch.num_layers == 2
     plan = make_plan(cfg)
     calibration = {r.variant.method: r.extra["config"].prune.calibration for r in plan.runs if r.kind == "prune"}

@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 
 import maxprune
-from maxprune import config
 from maxprune.cli import main
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import preset
+from maxprune.schema import load_config
 from maxprune.study import plan as plan_lib
+from maxprune.study import variants
 
 PACKAGE = Path(maxprune.__file__).parent
 FORBIDDEN = ("trust_remote_code=True", "allow_pickle=True", "pickle.load", "torch.load(")
@@ -37,13 +38,13 @@ def test_every_np_load_refuses_pickles():
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_bad_names_are_refused(name):
     with pytest.raises(MaxpruneError, match="cannot name a directory inside the output root"):
-        plan_lib.check_name(name, "run name")
+        variants.check_name(name, "run name")
 
 
 @pytest.mark.parametrize("name", ["P200B", "Meta", "P8K.prune.wanda-2of4-r50", "S1.25M-total.flap-r62.5.s1",
                                   "llama@3+x_y"])
 def test_good_names_pass(name):
-    assert plan_lib.check_name(name, "run name") == name
+    assert variants.check_name(name, "run name") == name
 
 
 @pytest.mark.parametrize("name", ["../../etc", "a/b"])
@@ -69,9 +70,9 @@ def test_imported_parent_names_cannot_escape_the_study_root(name, message, tmp_p
 
 
 def test_every_planned_run_name_is_checked(monkeypatch):
-    cfg = config.load_config(None, ["--config.study.variants=('wanda@0.5',)"])
+    cfg = load_config(None, ["--config.study.variants=('wanda@0.5',)"])
     plan = plan_lib.plan_study(cfg, preset("tiny"), 32)
-    assert all(plan_lib.check_name(run.name, "run") for run in plan.runs)
+    assert all(variants.check_name(run.name, "run") for run in plan.runs)
     monkeypatch.setattr(plan_lib, "fmt_tokens", lambda n: "../x")  # a name that would leave the root
     with pytest.raises(MaxpruneError, match="run name '.*\\.\\./x.*' cannot name a directory"):
         plan_lib.plan_study(cfg, preset("tiny"), 32)

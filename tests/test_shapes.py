@@ -7,7 +7,7 @@ import pytest
 
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import preset
-from maxprune.prune import shapes
+from maxprune.prune.structured import shapes
 
 BASE = preset("llama3.1-8b")
 # The paper's ratio labels: 81.3 % is 1 − 1.5/8 = 13/16, printed rounded. Its 50 % rows hold half the

@@ -5,18 +5,24 @@ import json
 import math
 from pathlib import Path
 
+import hf_helpers as H
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxprune import config, sharding
+from maxprune import sharding
 from maxprune.errors import MaxpruneError
 from maxprune.model import layers, llama
 from maxprune.model.arch import preset
-from maxprune.prune import api, engine, sheared
-
-import hf_helpers as H
+from maxprune.prune import api
+from maxprune.prune.engine.options import run_options
+from maxprune.prune.sheared import data as sheared_data
+from maxprune.prune.sheared import gates as sheared_gates
+from maxprune.prune.sheared import method as sheared
+from maxprune.prune.sheared import plan as sheared_plan
+from maxprune.prune.sheared import step as sheared_step
+from maxprune.schema import load_config
 
 ARCH = preset("tiny").replace(vocab_size=300, num_layers=4, num_heads=8, num_kv_heads=4)  # groups of 2 heads
 TARGET = dict(hidden_size=48, num_heads=4, num_layers=3, ffn_size=96)  # 48 % 4 == 0 for transformers' export
@@ -29,30 +35,30 @@ COMMON = ["--config.model.dtype=float32", "--config.model.arch.vocab_size=300"]
 PARAMS = H.random_params(ARCH)
 CALIB = np.random.RandomState(0).randint(0, 300, (64, SEQ)).astype(np.int32)
 F32 = llama.ModelOptions(dtype="float32")
-sample_gates, keep_probability = jax.jit(sheared.sample_gates), jax.jit(sheared.keep_probability)
+sample_gates, keep_probability = jax.jit(sheared_gates.sample_gates), jax.jit(sheared_gates.keep_probability)
 
 
 @functools.partial(jax.jit, static_argnums=3)
 def gated_logits(params, gates, tokens_BT, arch):
-    return sheared.gated_logits(params, gates, tokens_BT, arch, F32)
+    return sheared_gates.gated_logits(params, gates, tokens_BT, arch, F32)
 
 
 def prune_cfg(*overrides):
-    return config.load_config(None, [*SHEARED, *overrides]).prune
+    return load_config(None, [*SHEARED, *overrides]).prune
 
 
 def random_log_alpha(arch, seed=0, std=2.0):
     rng = np.random.default_rng(seed)
     return {name: jnp.asarray(rng.normal(0.0, std, shape), jnp.float32)
-            for name, shape in sheared.mask_shapes(arch).items()}
+            for name, shape in sheared_gates.mask_shapes(arch).items()}
 
 
 # ------------------------------------------------------------- hard concrete
 def test_gates_follow_the_original_hard_concrete_formulas():
     log_alpha = random_log_alpha(ARCH)
-    u = sheared.gate_noise(ARCH, jax.random.key(3))
+    u = sheared_gates.gate_noise(ARCH, jax.random.key(3))
     z = sample_gates(log_alpha, u)
-    for name in sheared.MASKS:
+    for name in sheared_gates.MASKS:
         a, uu = np.asarray(log_alpha[name], np.float64), np.asarray(u[name], np.float64)
         s = 1 / (1 + np.exp(-(np.log(uu) - np.log(1 - uu) + a) / (2 / 3)))
         np.testing.assert_allclose(z[name], np.clip(s * 1.2 - 0.1, 0, 1), atol=1e-6)
@@ -67,19 +73,19 @@ def test_gates_follow_the_original_hard_concrete_formulas():
 
 
 def test_gates_start_open_and_log_alpha_is_clamped():
-    log_alpha = sheared.init_log_alpha(ARCH, jax.random.key(0))
-    for name, shape in sheared.mask_shapes(ARCH).items():
+    log_alpha = sheared_gates.init_log_alpha(ARCH, jax.random.key(0))
+    for name, shape in sheared_gates.mask_shapes(ARCH).items():
         assert log_alpha[name].shape == shape  # N(5, 0.01) lies above ln 100: clamped as the original's first use
         np.testing.assert_allclose(log_alpha[name], math.log(100), rtol=1e-6)
     assert float(jnp.min(keep_probability(log_alpha)["ffn"])) > 0.99
-    clamped = sheared.clamp_log_alpha({"g": jnp.array([-9.0, 0.5, 9.0])})["g"]
+    clamped = sheared_gates.clamp_log_alpha({"g": jnp.array([-9.0, 0.5, 9.0])})["g"]
     np.testing.assert_allclose(clamped, [math.log(1e-2), 0.5, math.log(1e2)], rtol=1e-6)
 
 
 # --------------------------------------------------------------------- sizes
 def test_expected_size_is_the_parent_count_when_open_and_the_cut_count_when_binary():
-    ones = {name: jnp.ones(shape) for name, shape in sheared.mask_shapes(ARCH).items()}
-    assert int(sheared.expected_params(ones, ARCH)) == ARCH.num_prunable_params()
+    ones = {name: jnp.ones(shape) for name, shape in sheared_gates.mask_shapes(ARCH).items()}
+    assert int(sheared_gates.expected_params(ones, ARCH)) == ARCH.num_prunable_params()
     rng = np.random.default_rng(0)
     binary = {"layer": np.isin(np.arange(4), [0, 2, 3]),
               "head": np.stack([np.isin(np.arange(4), rng.choice(4, 2, replace=False)) for _ in range(4)]),
@@ -87,17 +93,17 @@ def test_expected_size_is_the_parent_count_when_open_and_the_cut_count_when_bina
               "hidden": np.isin(np.arange(64), rng.choice(64, 48, replace=False))}
     cut = ARCH.replace(num_layers=3, num_heads=4, num_kv_heads=2, ffn_size=96, hidden_size=48)
     binary = {k: jnp.asarray(v, jnp.float32) for k, v in binary.items()}
-    assert int(sheared.expected_params(binary, ARCH)) == cut.num_prunable_params()
+    assert int(sheared_gates.expected_params(binary, ARCH)) == cut.num_prunable_params()
     # at the start every gate is open with P = 0.998: the expectation is the parent's count to 1 %
-    start = keep_probability(sheared.init_log_alpha(ARCH, jax.random.key(0)))
-    assert 0.99 < float(sheared.expected_params(start, ARCH)) / ARCH.num_prunable_params() < 1.0
+    start = keep_probability(sheared_gates.init_log_alpha(ARCH, jax.random.key(0)))
+    assert 0.99 < float(sheared_gates.expected_params(start, ARCH)) / ARCH.num_prunable_params() < 1.0
 
 
 def test_deterministic_gates_keep_the_target_count_in_every_row():
     target = ARCH.replace(**{**TARGET, "num_kv_heads": 2})
     log_alpha = random_log_alpha(ARCH)
-    gates, keep = sheared.deterministic_gates(log_alpha, ARCH, target)
-    for name, count in sheared.unit_counts(target).items():
+    gates, keep = sheared_gates.deterministic_gates(log_alpha, ARCH, target)
+    for name, count in sheared_gates.unit_counts(target).items():
         rows = gates[name].reshape(-1, gates[name].shape[-1])
         clamped = np.clip(np.asarray(log_alpha[name]), math.log(1e-2), math.log(1e2)).reshape(rows.shape)
         score = 1 / (1 + np.exp(-clamped / (2 / 3) * 0.8))
@@ -145,7 +151,7 @@ VARIANTS = [ARCH, ARCH.replace(tie_embeddings=True, out_bias=True)]
 @pytest.mark.parametrize("arch", VARIANTS, ids=["untied", "tied+bias"])
 def test_gated_forward_is_the_original_activation_gating(arch):
     params = H.random_params(arch)
-    gates = sample_gates(random_log_alpha(arch, 1), sheared.gate_noise(arch, jax.random.key(5)))
+    gates = sample_gates(random_log_alpha(arch, 1), sheared_gates.gate_noise(arch, jax.random.key(5)))
     assert 0 < int(jnp.sum(gates["hidden"] == 0)) < arch.hidden_size  # soft gates and real zeros
     assert 0 < float(jnp.mean((gates["ffn"] > 0) & (gates["ffn"] < 1)))
     tokens = H.tokens(300, length=24)
@@ -176,7 +182,7 @@ def pruned(tmp_path_factory, tiny_corpus):
 
     root = tmp_path_factory.mktemp("sheared")
     save_model_dir(root / "parent", ARCH, PARAMS, tokenizer_dir=tiny_corpus["root"] / "tokenizer")
-    cfg = config.load_config(None, COMMON + SHEARED + [
+    cfg = load_config(None, COMMON + SHEARED + [
         f"--config.prune.input={root / 'parent'}", f"--config.prune.output={root / 'pruned'}",
         f"--config.prune.calibration={tiny_corpus['train']}", "--config.prune.n_samples=8"])
     prune_model_dir(cfg, progress=False)
@@ -187,7 +193,7 @@ def pruned(tmp_path_factory, tiny_corpus):
 def test_expected_sparsity_reaches_the_target():
     """240 steps at the original's learning rates, one device, cycling the calibration tokens."""
     steps = 240
-    with engine.run_options(dtype="float32", progress=False):
+    with run_options(dtype="float32", progress=False):
         result = api.prune(PARAMS, ARCH, CALIB, prune_cfg(f"--config.prune.sheared_llama.tokens={steps * BATCH * SEQ}"))
     report = result.report
     assert result.arch == ARCH.replace(**TARGET, num_kv_heads=2)
@@ -213,17 +219,17 @@ def test_pruned_model_dir_records_the_run(pruned):
 def test_sharded_step_equals_the_single_device_step(pruned, devices8):
     """Three steps of the end-to-end run's plan, params sharded over 8 devices vs on one (its compiled step)."""
     p = pruned["cfg"].prune
-    plan = sheared.make_plan(ARCH, p, SEQ)
-    h = sheared.Hyper.from_config(p.sheared_llama, "float32")
+    plan = sheared_plan.make_plan(ARCH, p, SEQ)
+    h = sheared_step.Hyper.from_config(p.sheared_llama, "float32")
     mesh = sharding.make_mesh(None, devices8)
     batches = [np.random.RandomState(i).randint(0, 300, (BATCH, SEQ)).astype(np.int32) for i in range(3)]
     states = {}
     for name, mesh_or_none, params in (("one", None, PARAMS), ("eight", mesh, sharding.shard_tree(PARAMS, mesh))):
-        prog = sheared.programs(ARCH, plan, h, p.seed, mesh_or_none, mesh_or_none is not None)
-        with sheared.mesh_scope(mesh_or_none):
+        prog = sheared_step.programs(ARCH, plan, h, p.seed, mesh_or_none, mesh_or_none is not None)
+        with sharding.mesh_scope(mesh_or_none):
             state = prog.init(params)
             for batch in batches:
-                state, metrics = prog.step(state, sheared.place_batch(batch, prog.batch_sharding))
+                state, metrics = prog.step(state, sheared_data.place_batch(batch, prog.batch_sharding))
         states[name] = (jax.device_get(state.variables), jax.device_get(metrics))
     (v1, m1), (v8, m8) = states["one"], states["eight"]
     assert float(m1["ce"]) == pytest.approx(float(m8["ce"]), rel=1e-5)
@@ -237,7 +243,7 @@ def test_pruned_model_retrains_and_exports_with_logits_parity(pruned, tiny_corpu
     from maxprune.train import trainer
 
     root = pruned["root"]
-    cfg = config.load_config(None, COMMON + [
+    cfg = load_config(None, COMMON + [
         f"--config.train.init={root / 'pruned'}", f"--config.data.train={tiny_corpus['train']}",
         "--config.train.tokens=512", "--config.train.tensorboard=False", "--config.train.async_checkpoint=False"])
     trained = trainer.train(cfg, root / "run", progress=False)
@@ -262,7 +268,7 @@ def test_pruned_model_retrains_and_exports_with_logits_parity(pruned, tiny_corpu
 ])
 def test_bad_target_or_budget_is_a_clear_error(overrides, fragment):
     with pytest.raises(MaxpruneError, match=fragment):
-        with engine.run_options(dtype="float32", progress=False):
+        with run_options(dtype="float32", progress=False):
             api.prune(PARAMS, ARCH, CALIB, prune_cfg(*overrides))
 
 
@@ -275,13 +281,13 @@ def test_bad_config_is_a_clear_error():
 
 def test_default_target_is_the_planned_shape_and_the_paper_config_the_original_run():
     """Without a shape the pruner makes what the study planner expects (`shapes.target_arch`)."""
-    from maxprune.prune import shapes
-    cfg = config.load_config(None, ["--config.prune.method=sheared_llama"]).prune
-    assert sheared.check(ARCH, cfg) == shapes.target_arch("sheared_llama", ARCH, 0.5)
+    from maxprune.prune.structured import shapes
+    cfg = load_config(None, ["--config.prune.method=sheared_llama"]).prune
+    assert sheared_plan.check(ARCH, cfg) == shapes.target_arch("sheared_llama", ARCH, 0.5)
     llama8b = preset("llama3.1-8b")
     table1 = {"num_layers": 32, "hidden_size": 3456, "num_heads": 32, "num_kv_heads": 8, "ffn_size": 7552}
-    assert {k: v for k, v in shapes.describe(sheared.check(llama8b, cfg)).items() if k in table1} == table1
-    paper = config.load_config(str(Path(__file__).parents[1] / "configs/prune/sheared_llama.py"), []).prune
-    plan = sheared.make_plan(llama8b, paper, paper.seq_len)
+    assert {k: v for k, v in shapes.describe(sheared_plan.check(llama8b, cfg)).items() if k in table1} == table1
+    paper = load_config(str(Path(__file__).parents[1] / "configs/prune/sheared_llama.py"), []).prune
+    plan = sheared_plan.make_plan(llama8b, paper, paper.seq_len)
     assert (plan.steps, plan.global_batch, plan.seq_len, plan.lagrangian_warmup) == (3200, 32, 4096, 320)
     assert {k: v for k, v in shapes.describe(plan.target).items() if k in table1} == table1

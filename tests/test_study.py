@@ -10,10 +10,10 @@ from collections import Counter
 
 import pytest
 
-from maxprune import config
 from maxprune.data.budgets import parse_budgets
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import preset
+from maxprune.schema import load_config, override
 from maxprune.study import plan as plan_lib
 from maxprune.study import report as report_lib
 
@@ -21,7 +21,7 @@ B = 10**9
 
 
 def _paper_plan():
-    cfg = config.load_config("configs/study/paper.py")
+    cfg = load_config("configs/study/paper.py")
     return plan_lib.plan_study(cfg, preset("llama3.1-8b"), 8192)
 
 
@@ -68,7 +68,7 @@ def test_paper_grid_budgets_and_shapes():
 
 
 def test_scratch_total_sees_exactly_the_union():
-    plan = plan_lib.plan_study(config.load_config(None, [
+    plan = plan_lib.plan_study(load_config(None, [
         "--config.study.pretrain_tokens=64K", "--config.study.retrain_tokens=('16K','32K')",
         "--config.study.variants=('magnitude/unstructured@0.5',)"]), preset("tiny"), 32)
     budgets = parse_budgets(plan.budgets, 200_000 // 32 * 32, 32)
@@ -83,7 +83,7 @@ def test_scratch_total_sees_exactly_the_union():
 
 
 def _fixture_plan_and_status():
-    cfg = config.load_config(None, [
+    cfg = load_config(None, [
         "--config.study.pretrain_tokens=64K", "--config.study.retrain_tokens=('16K',)",
         "--config.study.variants=('magnitude/unstructured@0.5',)"])
     plan = plan_lib.plan_study(cfg, preset("tiny"), 32)
@@ -133,14 +133,14 @@ def test_report_without_results_is_a_clear_error(tmp_path):
 ])
 def test_bad_study_configs(overrides, fragment):
     with pytest.raises(MaxpruneError, match=fragment):
-        cfg = config.load_config(None, ["--config.study.pretrain_tokens=64K",
+        cfg = load_config(None, ["--config.study.pretrain_tokens=64K",
                                         "--config.study.retrain_tokens=('16K',)", *overrides])
         plan = plan_lib.plan_study(cfg, preset("tiny"), 32)
         plan_lib.check_budgets(plan, 200_000 // 32 * 32)
 
 
 def test_budget_that_does_not_fit_the_data():
-    cfg = config.load_config(None, ["--config.study.pretrain_tokens=64K", "--config.study.retrain_tokens=('1M',)",
+    cfg = load_config(None, ["--config.study.pretrain_tokens=64K", "--config.study.retrain_tokens=('1M',)",
                                     "--config.study.variants=('wanda/2:4@0.5',)"])
     plan = plan_lib.plan_study(cfg, preset("tiny"), 32)
     with pytest.raises(MaxpruneError, match="retrain_1M"):
@@ -158,9 +158,9 @@ def test_second_runner_on_the_same_study_is_refused(tmp_path):
 
 
 def test_derived_run_configs_do_not_leak_into_each_other():
-    base = config.load_config(None)
-    retrain = config.override(base, {"train.init": "/runs/pruned"})
-    scratch = config.override(base, {"train.masks_from": "/runs/pruned"})
+    base = load_config(None)
+    retrain = override(base, {"train.init": "/runs/pruned"})
+    scratch = override(base, {"train.masks_from": "/runs/pruned"})
     assert (base.train.init, retrain.train.init, scratch.train.init) == (None, "/runs/pruned", None)
     assert scratch.train.masks_from == "/runs/pruned" and retrain.train.masks_from is None
 

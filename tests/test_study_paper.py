@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from maxprune import config
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import preset
+from maxprune.schema import load_config
 from maxprune.study import plan as plan_lib
 
 B = 10**9
@@ -21,7 +21,7 @@ SMOL = dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_k
 
 @pytest.fixture(scope="module")
 def paper_plan():
-    cfg = config.load_config("configs/study/paper.py", ["--config.data.train=gs://bucket/dclm-llama3-8192"])
+    cfg = load_config("configs/study/paper.py", ["--config.data.train=gs://bucket/dclm-llama3-8192"])
     return plan_lib.plan_study(cfg, preset("llama3.1-8b"), 8192)
 
 
@@ -80,14 +80,14 @@ def test_one_s250_per_method_serves_both_tables(paper_plan):
 
 
 def test_merge_scratch_off_keeps_two_runs():
-    cfg = config.load_config("configs/study/paper.py", ["--config.study.merge_scratch=False"])
+    cfg = load_config("configs/study/paper.py", ["--config.study.merge_scratch=False"])
     plan = plan_lib.plan_study(cfg, preset("llama3.1-8b"), 8192)
     assert plan["S250B.flap-r50"].data_range == "retrain_250B"
     assert plan["S250B-total.flap-r50"].data_range == "total_250B"
 
 
 def test_method_settings_study_uses_the_study_prune_section():
-    cfg = config.load_config("configs/study/paper.py", ["--config.study.method_settings=study"])
+    cfg = load_config("configs/study/paper.py", ["--config.study.method_settings=study"])
     plan = plan_lib.plan_study(cfg, preset("llama3.1-8b"), 8192)
     p = plan["P200B.prune.minitron_width-r50"].extra["config"].prune
     assert (p.n_samples, p.paper_shapes) == (128, False)
@@ -97,7 +97,7 @@ def test_method_settings_study_uses_the_study_prune_section():
 def test_variant_overrides_config_kd_and_calibration(tmp_path):
     own = tmp_path / "my_wanda.py"
     own.write_text("def get_config(arg=None):\n    return {'prune': {'n_samples': 64, 'batch_size': 4}}\n")
-    cfg = config.load_config("configs/study/paper.py", ["--config.study.variants=("
+    cfg = load_config("configs/study/paper.py", ["--config.study.variants=("
                              "'flap@0.5 prune.n_samples=256 prune.flap.num_heads=24 calibration=wikitext103',"
                              "'minitron_width@0.5 retrain=50B teacher=parent',"
                              "'minitron_width@0.5 retrain=50B',"
@@ -122,7 +122,7 @@ def test_variant_overrides_config_kd_and_calibration(tmp_path):
     ("('flap@0.5 calibration=c5',)", None),
 ])
 def test_bad_variants(variants, match):
-    plan = lambda: plan_lib.plan_study(config.load_config("configs/study/paper.py", [
+    plan = lambda: plan_lib.plan_study(load_config("configs/study/paper.py", [
         f"--config.study.variants={variants}"]), preset("llama3.1-8b"), 8192)
     if match is None:  # an unknown corpus name is taken as a source spec
         assert plan()["P200B.prune.flap-r50"].extra["config"].prune.calibration == "c5"
@@ -132,7 +132,7 @@ def test_bad_variants(variants, match):
 
 
 def test_paper_settings_adapt_to_a_small_parent():
-    cfg = config.load_config("configs/study/paper.py", ["--config.study.imported={}", "--config.study.variants=("
+    cfg = load_config("configs/study/paper.py", ["--config.study.imported={}", "--config.study.variants=("
                              "'minitron_depth@0.5','minitron_width@0.5','flap@0.5','sheared_llama@0.5',"
                              "'wanda/2:4@0.5')"])
     plan = plan_lib.plan_study(cfg, preset("llama3.1-8b").replace(**SMOL), 256)
@@ -162,7 +162,7 @@ def test_plan_show_and_resolved():
 
 def test_runner_executes_the_resolved_configs(tmp_path):
     from maxprune.study.runner import StudyRunner
-    cfg = config.load_config("configs/study/paper.py", [
+    cfg = load_config("configs/study/paper.py", [
         "--config.data.train=/data/dclm", "--config.study.variants=('minitron_width@0.5 retrain=50B teacher=parent',"
         "'flap@0.5 retrain=50B')"])
     plan = plan_lib.plan_study(cfg, preset("llama3.1-8b"), 8192)
@@ -182,7 +182,7 @@ def test_runner_executes_the_resolved_configs(tmp_path):
 
 
 def test_imported_parent_only_plans_ext_runs_and_s_n():
-    cfg = config.load_config(None, [
+    cfg = load_config(None, [
         "--config.study.pretrain_tokens=0", "--config.study.retrain_tokens=('64K',)",
         "--config.study.imported.Smol=/models/smol", "--config.study.method_settings=study",
         "--config.study.variants=('flap@0.5 parents=Smol', 'wanda/2:4@0.5 parents=Smol')"])
@@ -191,7 +191,7 @@ def test_imported_parent_only_plans_ext_runs_and_s_n():
     assert {r.name for r in plan.runs if r.kind == "scratch"} == {"S64K.flap-r50", "S64K.wanda-2of4-r50"}
     assert plan["Smol-R64K.flap-r50"].data_range == plan["S64K.flap-r50"].data_range == "retrain_64K"
     assert plan.budgets == {"retrain_64K": "0:64000"}
-    bad = config.load_config(None, ["--config.study.pretrain_tokens=0", "--config.study.imported.Smol=/m",
+    bad = load_config(None, ["--config.study.pretrain_tokens=0", "--config.study.imported.Smol=/m",
                                     "--config.study.variants=('flap@0.5',)"])
     with pytest.raises(MaxpruneError, match="prunes parent P, but study.pretrain_tokens=0"):
         plan_lib.plan_study(bad, preset("tiny"), 32)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from matplotlib.container import BarContainer, ErrorbarContainer
 
-from maxprune import config
 from maxprune.model.arch import preset
+from maxprune.model.schema import arch_from_config
+from maxprune.schema import load_config
 from maxprune.study import plan as plan_lib
 from maxprune.study import report as report_lib
 from maxprune.study.plan import Plan, Run, Variant
@@ -41,10 +42,10 @@ def _row(loss, acc):
 
 
 def _seeded_plan_and_status():
-    cfg = config.load_config("configs/study/mini.py", [
+    cfg = load_config("configs/study/mini.py", [
         "--config.study.seeds=(0,1,2)", "--config.study.retrain_tokens=('125K','250K')",
         "--config.study.variants=('minitron_depth@0.5','minitron_depth@0.75')"])
-    plan = plan_lib.plan_study(cfg, config.arch_from_config(cfg), 128)
+    plan = plan_lib.plan_study(cfg, arch_from_config(cfg), 128)
     runs = {}
     for run in plan.runs:
         if run.kind in ("retrain", "scratch"):
@@ -135,7 +136,7 @@ def test_seeded_csv_has_mean_std_and_seeds_columns(tmp_path):
 
 
 def _single_seed_fixture():
-    cfg = config.load_config(None, [
+    cfg = load_config(None, [
         "--config.study.pretrain_tokens=64K", "--config.study.retrain_tokens=('16K',)",
         "--config.study.variants=('magnitude/unstructured@0.5',)"])
     plan = plan_lib.plan_study(cfg, preset("tiny"), 32)

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from maxprune.errors import MaxpruneError
-from maxprune.model import llama, masks as masks_lib
+from maxprune.model import llama
+from maxprune.model import masks as masks_lib
 from maxprune.model.arch import preset
-from maxprune.prune.surgery import Keep, slice_model, uniform
+from maxprune.prune.structured.surgery import Keep, slice_model, uniform
 
 ARCH = preset("tiny").replace(vocab_size=300, num_layers=3, out_bias=True)  # 4 heads / 2 KV, hidden 64, ffn 192
 FP32 = llama.ModelOptions(dtype="float32")

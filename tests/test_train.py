@@ -10,13 +10,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from maxprune import config, sharding
+from maxprune import sharding
 from maxprune.errors import MaxpruneError
-from maxprune.model import llama, masks as masks_lib, model_dir
+from maxprune.model import llama, model_dir
+from maxprune.model import masks as masks_lib
 from maxprune.model.arch import preset
+from maxprune.schema import load_config
 from maxprune.train import optimizer as opt_lib
 from maxprune.train import trainer
 from maxprune.train.metrics import read_metrics
+from maxprune.train.run_dir import read_status
 from maxprune.train.step import distill_loss, init_state, make_train_step
 
 ARCH = preset("tiny").replace(vocab_size=300)
@@ -27,7 +30,7 @@ def _cfg(corpus, *overrides):
     base = [f"--config.data.train={corpus['train']}", "--config.model.arch.vocab_size=300",
             "--config.model.dtype=float32", "--config.train.tokens=8K", "--config.train.lr=3e-3",
             "--config.train.log_every=1", "--config.train.tensorboard=False"]
-    return config.load_config(None, base + list(overrides))
+    return load_config(None, base + list(overrides))
 
 
 def _recipe(**changes):
@@ -113,7 +116,8 @@ def test_sharded_step_equals_single_device(devices8):
         jitted = jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh), None),
                          out_shardings=(shardings, None))
         out, metrics = jitted(state, jax.device_put(tokens, sharding.batch_sharding(mesh)), None)
-    assert out.params["layers"]["mlp"]["up"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    up = out.params["layers"]["mlp"]["up"]["kernel"]
+    assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert float(metrics["loss"]) == pytest.approx(float(ref_metrics["loss"]), rel=1e-5)
     for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(ref_state.params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -160,7 +164,7 @@ def test_resume_after_process_exit_is_bit_exact(tmp_path, tiny_corpus):
     # 24 steps straight, vs 12 steps, process exit, restart, 12 more
     _cli_train(tmp_path / "straight", tiny_corpus)
     _cli_train(tmp_path / "resumed", tiny_corpus, "--config.train.stop_after_steps=12")
-    assert trainer.read_status(tmp_path / "resumed")["status"] == "stopped"
+    assert read_status(tmp_path / "resumed")["status"] == "stopped"
     _cli_train(tmp_path / "resumed", tiny_corpus)
     straight = model_dir.load_model_dir(tmp_path / "straight" / "model")
     resumed = model_dir.load_model_dir(tmp_path / "resumed" / "model")
@@ -292,7 +296,7 @@ def test_a_diverging_sweep_trial_loses(tmp_path, tiny_corpus):
     rows = {row["lr"]: row for row in table}
     assert chosen == 1e-3 and rows[1e-3]["diverged_at"] is None and np.isfinite(rows[1e-3]["loss"])
     assert 1 <= rows[1e12]["diverged_at"] <= 4 and np.isnan(rows[1e12]["loss"])
-    assert trainer.read_status(tmp_path / "run" / "sweep" / "compressed" / "lr_1e+12")["status"] == "diverged"
+    assert read_status(tmp_path / "run" / "sweep" / "compressed" / "lr_1e+12")["status"] == "diverged"
 
 
 def test_checkpoints_older_than_schedule_steps_resume_on_the_runs_own_schedule(tmp_path):
@@ -312,7 +316,8 @@ def test_sweep_prefix_shorter_than_its_warmup_is_refused(tmp_path, tiny_corpus):
 
 
 def test_bad_sweep_schedule_is_refused(tiny_corpus):
-    with pytest.raises(MaxpruneError, match=r"train.sweep_schedule='cosine' must be 'compressed' or 'prefix'"):
+    with pytest.raises(MaxpruneError, match=r"train.sweep_schedule='cosine' is not valid; choose one of "
+                                            r"compressed, prefix"):
         _cfg(tiny_corpus, "--config.train.sweep_schedule=cosine")
 
 

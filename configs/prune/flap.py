@@ -9,7 +9,7 @@ Usage::
 On a Llama-3.1-8B-shaped parent the shape is Table 1's: 20 heads (5 of 8 KV
 groups) and FFN 6656 in every layer. On any other parent it comes from the
 ratio (the median KV-group count of the admissible shapes, FFN filling the
-target; `maxprune.prune.shapes`). With ``search`` every KV-group count from half
+target; `maxprune.prune.structured.shapes`). With ``search`` every KV-group count from half
 to all is tried with the FFN that fills the ratio (Table 6) and the lowest
 calibration loss wins. 50 % counts the prunable weights (4.54 B left, as Wanda
 at 50 %). CALIBRATION: 128 x 8192 tokens of C4 in the paper (random windows of

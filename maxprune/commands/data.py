@@ -74,7 +74,7 @@ def _add_inspect(parser) -> None:
 
 
 def _run_inspect(args) -> int:
-    from maxprune.data.prepare import open_prepared
+    from maxprune.data.prepared import open_prepared
     from maxprune.data.tokenizer import Tokenizer
 
     dataset = open_prepared(args.dir)

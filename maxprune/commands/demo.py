@@ -38,8 +38,8 @@ def _add_demo(parser) -> None:
 
 def demo_config(cfg, all_variants: bool = False):
     """The mini study config with the builtin corpus's data dirs filled in (built on first use)."""
-    from maxprune.config import override
     from maxprune.data.builtin import builtin_corpus
+    from maxprune.schema import override
     from maxprune.study import mini
 
     corpus = builtin_corpus(vocab_size=mini.VOCAB, seq_len=mini.SEQ_LEN, progress=False)

@@ -59,7 +59,7 @@ def _with_flags(cfg, args):
     """The config with --tasks/--limit/--perplexity/--tokenizer applied, validated again."""
     import ml_collections
 
-    from maxprune import config
+    from maxprune.schema import validate
     flags = {"eval.tasks": _names(args.tasks), "eval.limit": args.limit,
              "eval.perplexity.corpora": _names(args.perplexity), "eval.tokenizer": args.tokenizer}
     if all(v is None for v in flags.values()):
@@ -72,7 +72,7 @@ def _with_flags(cfg, args):
             for part in section.split("."):
                 node = node[part]
             node[name] = value
-    config.validate(cfg)
+    validate(cfg)
     return ml_collections.FrozenConfigDict(cfg)
 
 

@@ -59,13 +59,14 @@ def _add_init(parser) -> None:
 def _run_init(args, cfg) -> int:
     import jax
 
-    from maxprune.config import arch_from_config, to_dict
+    from maxprune.fs import staged
     from maxprune.model import llama, model_dir
+    from maxprune.model.schema import arch_from_config
 
-    model_dir.check_output_dir(args.out, args.overwrite)  # before a possibly long init
+    staged.check_output_dir(args.out, args.overwrite)  # before a possibly long init
     arch = arch_from_config(cfg)
     params = llama.init_params(arch, jax.random.key(cfg.seed))
-    provenance = {"method": "init", "parent": None, "seed": cfg.seed, "config": to_dict(cfg)}
+    provenance = {"method": "init", "parent": None, "seed": cfg.seed, "config": cfg.to_dict()}
     model_dir.save_model_dir(args.out, arch, params, masks=None, provenance=provenance,
                              overwrite=args.overwrite)
     print(f"wrote {args.out}: {_summary(arch)}, {arch.num_params():,} params")
@@ -97,7 +98,7 @@ def _run_inspect(args, cfg) -> int:
 
 def _print_mask_check(md) -> None:
     """Verify the masks (bool, shapes, exact zeros under them, N:M if the provenance says so); per-kernel sparsity."""
-    from maxprune.prune.report import verify_masks
+    from maxprune.prune.sparse.report import verify_masks
 
     pattern = md.provenance.get("pattern")
     pattern = pattern if isinstance(pattern, str) and ":" in pattern else None
@@ -116,8 +117,8 @@ def _load_or_init(path: str | None, cfg):
         return md.arch, md.params, md.masks
     import jax
 
-    from maxprune.config import arch_from_config
     from maxprune.model import llama
+    from maxprune.model.schema import arch_from_config
     arch = arch_from_config(cfg)
     return arch, llama.init_params(arch, jax.random.key(cfg.seed)), None
 

@@ -14,7 +14,8 @@ def _run_prune(args, cfg) -> int:
     import json
 
     from maxprune.model.model_dir import read_provenance
-    from maxprune.prune import report, run
+    from maxprune.prune import run
+    from maxprune.prune.sparse import report
 
     path = run.prune_model_dir(cfg, overwrite=args.overwrite, progress=not args.quiet)
     provenance = read_provenance(path)

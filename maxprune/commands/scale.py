@@ -21,9 +21,9 @@ def _add_compile(parser) -> None:
 
 def _run_compile(args, cfg) -> int:
     """Exit 0 if the step fits the chip's HBM, 1 if it compiles but does not fit."""
-    from maxprune import compile as compile_lib
+    from maxprune.train import aot
 
-    report = compile_lib.aot_compile(cfg, args.topology, seq_len=args.seq_len, masks=args.masks)
+    report = aot.aot_compile(cfg, args.topology, seq_len=args.seq_len, masks=args.masks)
     print(report.format())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -47,7 +47,7 @@ def _add_bench(parser) -> None:
 def _run_bench(args, cfg) -> int:
     import jax
 
-    from maxprune import bench
+    from maxprune.train import bench
 
     say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     report = bench.bench_step(cfg, seq_len=args.seq_len, scale=args.scale, names=args.variants,

@@ -125,7 +125,8 @@ def print_resolved(plan) -> None:
         if run.extra["mask_learning_tokens"]:
             calib += f"+{run.extra['mask_learning_tokens'] / 1e9:.2f}B"
         print(f"{run.name:<38}" + "".join(f"{d:>{w}}" for d, w in zip(dims, (7, 7, 7, 4, 7)))
-              + f"{_params(a, run.sparsity):>9}  {run.extra['shape_from']:<10}{calib:>14}  {p.calibration_sampling:<8}  "
+              + f"{_params(a, run.sparsity):>9}  {run.extra['shape_from']:<10}{calib:>14}  "
+              + f"{p.calibration_sampling:<8}  "
               f"{p.calibration or '-'}")
 
 
@@ -143,7 +144,7 @@ def print_run(runner, run) -> None:
               + (f"; mask learning {run.extra['mask_learning_tokens']:,} tokens" if run.extra["mask_learning_tokens"]
                  else ""))
         if run.extra["pinned"]:  # what the pruner sets from Table 1 for this parent
-            from maxprune.config import override
+            from maxprune.schema import override
             cfg = override(cfg, {f"prune.{p.method}.{k}": v for k, v in run.extra["pinned"].items()})
             print("Table 1 shape keys (set when the pruner sees the parent): " +
                   ", ".join(f"prune.{p.method}.{k}={v}" for k, v in run.extra["pinned"].items()))

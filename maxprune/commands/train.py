@@ -13,9 +13,9 @@ def _add_train(parser) -> None:
 
 
 def _run_train(args, cfg) -> int:
-    from maxprune.train import trainer
-
     import jax
+
+    from maxprune.train import trainer
 
     result = trainer.train(cfg, args.run_dir, progress=not args.quiet)
     if jax.process_index() != 0:  # one report per job, not per host

@@ -1,5 +1,1 @@
-"""Conversion between maxprune model dirs and other checkpoint formats."""
-
-from maxprune.convert.hf import from_hf, to_hf
-
-__all__ = ["from_hf", "to_hf"]
+"""Checkpoint conversion: `hf` (safetensors + config.json, both ways) and `gguf` (llama.cpp files, import)."""

@@ -44,9 +44,10 @@ from maxprune.data.tokenizer import (
     Tokenizer,
 )
 from maxprune.errors import MaxpruneError
+from maxprune.fs.staged import check_output_dir
 from maxprune.model.arch import Arch, RopeScaling
 from maxprune.model.layers import rope_inv_freq
-from maxprune.model.model_dir import TOKENIZER_DIR, check_output_dir, save_model_dir
+from maxprune.model.model_dir import TOKENIZER_DIR, save_model_dir
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 MAGIC = b"GGUF"

@@ -37,10 +37,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from maxprune.errors import MaxpruneError
+from maxprune.fs.staged import check_output_dir, commit_dir, staging_dir
 from maxprune.model import llama
 from maxprune.model.arch import Arch, RopeScaling
-from maxprune.model.model_dir import (TOKENIZER_DIR, check_output_dir, commit_dir, load_model_dir,
-                                      save_model_dir, staging_dir)
+from maxprune.model.model_dir import TOKENIZER_DIR, load_model_dir, save_model_dir
 
 STORAGE_DTYPES = ("float32", "bfloat16")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")

@@ -56,6 +56,7 @@ import numpy as np
 
 from maxprune.data.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, train_bpe
 from maxprune.errors import MaxpruneError
+from maxprune.fs.staged import swap_in
 
 RECIPE_VERSION = 1  # bump whenever the documents or splits would change: invalidates caches
 SPLIT_SEED = 20260601
@@ -128,7 +129,7 @@ class BuiltinCorpus:
 
     def open(self, split: str):
         """The split's PreparedDataset."""
-        from maxprune.data.prepare import open_prepared
+        from maxprune.data.prepared import open_prepared
         self._check(split)
         return open_prepared(self.prepared_dirs[split])
 
@@ -235,9 +236,7 @@ def _replace_dir(final: Path, build: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         build(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        swap_in(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

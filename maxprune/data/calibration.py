@@ -21,6 +21,7 @@ import random
 
 import numpy as np
 
+from maxprune.config import at_least
 from maxprune.errors import MaxpruneError
 
 
@@ -161,5 +162,4 @@ def calibration_from_prepared(dataset, n_samples: int, seed: int) -> np.ndarray:
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
-        if value < 1:
-            raise MaxpruneError(f"{name}={value} must be >= 1")
+        at_least(f"{name}", value, 1)

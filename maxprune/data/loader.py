@@ -27,6 +27,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from maxprune.config import at_least
 from maxprune.errors import MaxpruneError
 
 STATE_VERSION = 1
@@ -251,8 +252,7 @@ def make_loader(dataset, ranges: Sequence[tuple[int, int]], *, global_batch: int
 
     process_index = jax.process_index() if process_index is None else int(process_index)
     process_count = jax.process_count() if process_count is None else int(process_count)
-    if global_batch < 1:
-        raise MaxpruneError(f"global_batch={global_batch} must be >= 1")
+    at_least("global_batch", global_batch, 1)
     if not 0 <= process_index < process_count:
         raise MaxpruneError(f"process_index={process_index} must be in [0, {process_count})")
     if global_batch % process_count:

@@ -21,8 +21,9 @@ import numpy as np
 
 from maxprune.data import pool as pool_lib
 from maxprune.data import sources
-from maxprune.data.staging import FILES_DIR, write_json
+from maxprune.data.staging import FILES_DIR
 from maxprune.data.tokenizer import Tokenizer
+from maxprune.fs.atomic import write_json
 
 _DOCS_PER_BATCH = 1024
 _CHARS_PER_BATCH = 8 << 20

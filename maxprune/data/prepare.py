@@ -29,21 +29,22 @@ import os
 from pathlib import Path
 
 from maxprune import __version__
+from maxprune.config import at_least
 from maxprune.data import pool as pool_lib
 from maxprune.data import sources
-from maxprune.data.packing import pack_documents, tokenize_files
-from maxprune.data.prepared import (DTYPE, MANIFEST_FILE, WHAT, WRITER_OPTIONS, Manifest, PreparedDataset,
-                                    open_prepared, read_manifest)
-from maxprune.data.shards import shard_name, write_shards
-from maxprune.data.staging import (FILES_DIR, STATE_FILE, check_output, commit, open_staging, staging_path,
-                                   write_json)
+from maxprune.data.packing import tokenize_files
+from maxprune.data.prepared import (
+    DTYPE,
+    MANIFEST_FILE,
+    Manifest,
+    read_manifest,
+)
+from maxprune.data.shards import write_shards
+from maxprune.data.staging import commit, open_staging
 from maxprune.data.tokenizer import Tokenizer
 from maxprune.errors import MaxpruneError
-
-__all__ = [  # what callers import from here; the steps' own names live in their modules
-    "DTYPE", "FILES_DIR", "MANIFEST_FILE", "SHARD_BYTES", "STATE_FILE", "WHAT", "WRITER_OPTIONS", "Manifest",
-    "PreparedDataset", "open_prepared", "pack_documents", "prepare", "shard_name", "staging_path",
-]
+from maxprune.fs.atomic import write_json
+from maxprune.fs.staged import check_output_dir
 
 SHARD_BYTES = 1 << 30  # default shard size: ~1 GiB of tokens
 
@@ -59,7 +60,7 @@ def prepare(source_spec: str | sources.SourceSpec, tokenizer: Tokenizer, out_dir
     """
     spec = _check_args(source_spec, text_field, seq_len, on_missing_field, workers, sequences_per_shard)
     out = Path(out_dir).absolute()
-    check_output(out, overwrite)
+    check_output_dir(out, overwrite)
     paths = [_absolute(p) for p in sources.list_files(spec)]
     per_shard = sequences_per_shard or max(1, SHARD_BYTES // (4 * seq_len))
     state = {"source": str(spec), "tokenizer": tokenizer.hash, "seq_len": seq_len,
@@ -103,10 +104,10 @@ def _check_args(source_spec, text_field, seq_len, on_missing_field, workers, seq
     if on_missing_field not in sources.ON_MISSING_FIELD:
         raise MaxpruneError(f"on_missing_field={on_missing_field!r} must be one of "
                             f"{', '.join(sources.ON_MISSING_FIELD)}")
-    if workers is not None and workers < 1:
-        raise MaxpruneError(f"workers={workers} must be >= 1")
-    if sequences_per_shard is not None and sequences_per_shard < 1:
-        raise MaxpruneError(f"sequences_per_shard={sequences_per_shard} must be >= 1")
+    if workers is not None:
+        at_least("workers", workers, 1)
+    if sequences_per_shard is not None:
+        at_least("sequences_per_shard", sequences_per_shard, 1)
     return spec
 
 

@@ -25,10 +25,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from maxprune import integrity
-from maxprune.data.staging import staging_path
 from maxprune.data.tokenizer import Tokenizer
 from maxprune.errors import MaxpruneError
+from maxprune.fs import integrity
+from maxprune.fs.staged import staging_path
 
 MANIFEST_FILE = "manifest.json"
 DTYPE = "uint32"

@@ -17,10 +17,10 @@ from typing import Sequence
 
 import numpy as np
 
-from maxprune import integrity
 from maxprune.data import pool as pool_lib
 from maxprune.data.prepared import WRITER_OPTIONS
 from maxprune.data.staging import FILES_DIR
+from maxprune.fs import integrity
 
 _SEQS_PER_READ = 256
 

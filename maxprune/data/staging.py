@@ -14,21 +14,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from maxprune.errors import MaxpruneError
+from maxprune.fs.atomic import write_json
+from maxprune.fs.staged import check_output_dir, staging_path, swap_in
 
 STATE_FILE = "prepare.json"  # in the staging dir: the arguments a resume must match
 FILES_DIR = "files"
-
-
-def staging_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MaxpruneError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MaxpruneError(f"output dir {out} exists and is not empty; pass --overwrite to replace it")
 
 
 def open_staging(out: Path, state: dict, progress: bool) -> Path:
@@ -50,22 +40,10 @@ def open_staging(out: Path, state: dict, progress: bool) -> Path:
 
 def commit(staging: Path, out: Path, overwrite: bool) -> None:
     """Drop the caches and rename the finished staging dir into place (replacing `out` if asked)."""
-    check_output(out, overwrite)  # again: something may have appeared meanwhile
+    check_output_dir(out, overwrite)  # again: something may have appeared meanwhile
     shutil.rmtree(staging / FILES_DIR, ignore_errors=True)  # the state file stays until the rename: resumable
-    old = out.parent / f".{out.name}.old"
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    staging.rename(out)
+    swap_in(staging, out)
     (out / STATE_FILE).unlink(missing_ok=True)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write-then-rename, so a reader never sees half a JSON file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def say(message: str, progress: bool) -> None:

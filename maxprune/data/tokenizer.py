@@ -33,6 +33,7 @@ from typing import Iterable, Sequence
 import tokenizers
 
 from maxprune.errors import MaxpruneError
+from maxprune.fs import atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"  # bos/eos names (the HF convention) and our name
@@ -162,8 +163,8 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         config = {"name": self.name, "bos_token": self._bos_token, "eos_token": self._eos_token,
                   "tokenizer_class": "PreTrainedTokenizerFast"}
-        _write_atomic(file, self._json)
-        _write_atomic(directory / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+        atomic.write_bytes(file, self._json)
+        atomic.write_bytes(directory / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
         return directory
 
     # ------------------------------------------------------------ helpers
@@ -271,9 +272,3 @@ def _read_config(path: Path) -> dict:
 def _token_name(value) -> str | None:
     """HF configs store a special token as a string or as {"content": ...}."""
     return value.get("content") if isinstance(value, dict) else value
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

@@ -47,6 +47,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 import lm_eval.models  # noqa: F401  registers lm-eval's own models first: lm-eval 0.4.13 loads them only
+
 #                                    into an empty registry, so registering ours first would hide `hf`.
 import numpy as np
 from lm_eval import utils as lm_utils

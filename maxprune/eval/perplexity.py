@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+
 import numpy as np
 
 from maxprune.data.stream import token_stream, windows
@@ -146,7 +147,7 @@ def perplexity(model, corpus: Corpus | str, *, seq_len: int = 8192, n_seqs: int 
 def validation_loss(model, dataset_dir: str, *, n_seqs: int = 256, batch_size: int = 8,
                     progress: bool = True) -> dict:
     """Mean next-token NLL on the first `n_seqs` sequences of a prepared dataset."""
-    from maxprune.data.prepare import open_prepared
+    from maxprune.data.prepared import open_prepared
     ds = open_prepared(dataset_dir)
     ds.check_tokenizer(model.tokenizer)
     check_seq_len(model.arch, ds.seq_len, f"the prepared dataset's seq_len ({dataset_dir})")

@@ -12,6 +12,7 @@ from typing import Any
 
 from ml_collections.config_dict import placeholder
 
+from maxprune.config import at_least, choice
 from maxprune.errors import MaxpruneError
 
 TASK_SOURCES = ("offline", "hub")
@@ -51,28 +52,21 @@ def check(cfg) -> None:
     e = cfg.eval
     from maxprune.eval.tasks import check_task_names
     check_task_names(e.tasks)
-    if e.task_source not in TASK_SOURCES:
-        raise MaxpruneError(f"eval.task_source={e.task_source!r} is not valid; choose one of "
-                            f"{', '.join(TASK_SOURCES)}")
+    choice("eval.task_source", e.task_source, TASK_SOURCES)
     for key in ("batch_size", "batch_tokens", "min_bucket", "pack_length", "validation_sequences"):
-        if e[key] < 1:
-            raise MaxpruneError(f"eval.{key}={e[key]} must be >= 1")
+        at_least(f"eval.{key}", e[key], 1)
     for key in ("limit", "max_length"):
         if e[key] is not None and e[key] < 1:
             raise MaxpruneError(f"eval.{key}={e[key]} must be >= 1 (or unset)")
-    if e.num_fewshot < 0:
-        raise MaxpruneError(f"eval.num_fewshot={e.num_fewshot} must be >= 0")
+    at_least("eval.num_fewshot", e.num_fewshot, 0)
     _check_perplexity(e.perplexity)
 
 
 def _check_perplexity(p) -> None:
     from maxprune.eval.perplexity import resolve_corpus
-    if p.split not in PERPLEXITY_SPLITS:
-        raise MaxpruneError(f"eval.perplexity.split={p.split!r} is not valid; choose one of "
-                            f"{', '.join(PERPLEXITY_SPLITS)}")
+    choice("eval.perplexity.split", p.split, PERPLEXITY_SPLITS)
     for key in ("n_seqs", "batch_size"):
-        if p[key] < 1:
-            raise MaxpruneError(f"eval.perplexity.{key}={p[key]} must be >= 1")
+        at_least(f"eval.perplexity.{key}", p[key], 1)
     if p.seq_len < 2:
         raise MaxpruneError(f"eval.perplexity.seq_len={p.seq_len} must be >= 2")
     names = [resolve_corpus(entry, p.split).name for entry in p.corpora]

@@ -37,7 +37,6 @@ from maxprune.errors import MaxpruneError
 from maxprune.model import llama
 from maxprune.model.arch import Arch
 
-
 LOGITS_BYTES = 1 << 30  # at most this much fp32 logits per packed call (a few rows at least)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from maxprune import __version__
 from maxprune.errors import MaxpruneError
 from maxprune.eval.tasks import PAPER_TASK_NAMES, PAPER_TASKS
+from maxprune.fs import atomic
 
 METRICS_FILE = "metrics.json"
 RUN_MARKER = "run.json"  # a run dir (`maxprune train`) keeps its model in model/
@@ -166,9 +167,7 @@ def write_metrics(metrics: dict, out: str | os.PathLike, overwrite: bool = False
     if jax.process_index() != 0:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    tmp.replace(out)
+    atomic.write_json(out, metrics, default=str)
     return out
 
 

@@ -1,5 +1,1 @@
-"""The Llama model: `Arch` (dimensions), the Flax decoder, masks and the model dir."""
-
-from maxprune.model.arch import PRESETS, Arch, RopeScaling, preset
-
-__all__ = ["Arch", "PRESETS", "RopeScaling", "preset"]
+"""The model: `arch` (dimensions), `layers`, `llama` (the decoder), `masks`, `model_dir` (the one artefact)."""

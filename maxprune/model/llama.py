@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maxprune.errors import MaxpruneError
+from maxprune.config import at_least, choice
 from maxprune.model import layers
 from maxprune.model.arch import Arch
 
@@ -67,10 +67,8 @@ class ModelOptions:
         for key, valid in (("dtype", DTYPES), ("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLS),
                            ("matmul_dtype", ("same", *DTYPES))):
             value = getattr(self, key)
-            if value not in valid:
-                raise MaxpruneError(f"model.{key}={value!r} is not valid; choose one of {', '.join(valid)}")
-        if self.scan_unroll < 1:
-            raise MaxpruneError(f"model.scan_unroll={self.scan_unroll} must be >= 1")
+            choice(f"model.{key}", value, valid)
+        at_least("model.scan_unroll", self.scan_unroll, 1)
 
     @classmethod
     def from_config(cls, model_cfg) -> "ModelOptions":

@@ -37,8 +37,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from maxprune import __version__, integrity, sharding
+from maxprune import __version__, sharding
 from maxprune.errors import MaxpruneError
+from maxprune.fs import integrity
+from maxprune.fs.staged import check_output_dir, commit_dir, staging_dir, sync
 from maxprune.model import masks as masks_lib
 from maxprune.model.arch import Arch
 
@@ -65,48 +67,6 @@ class ModelDir:
 
 
 # -------------------------------------------------------------------- outputs
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse to write into an existing non-empty dir unless `overwrite`."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise MaxpruneError(f"output path {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise MaxpruneError(f"output dir {path} exists and is not empty; pass --overwrite to replace it")
-    return path
-
-
-def staging_dir(path: Path) -> Path:
-    """A fresh hidden sibling of `path` to write into before `commit_dir`."""
-    tmp = path.parent / f".{path.name}.partial"
-    if jax.process_index() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _sync("maxprune-staging")
-    return tmp
-
-
-def commit_dir(tmp: Path, path: Path) -> None:
-    """Atomically move a finished staging dir into place (replacing `path` if present)."""
-    _sync("maxprune-commit")
-    if jax.process_index() == 0:
-        old = path.parent / f".{path.name}.old"
-        if path.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            path.rename(old)
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old)
-    _sync("maxprune-committed")
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
 def _write_json(path: Path, data: dict) -> None:
     if jax.process_index() == 0:
         path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
@@ -148,7 +108,7 @@ def _write_contents(tmp: Path, arch, params, masks, provenance, tokenizer_dir, e
     for name, text in extra_files.items():
         if jax.process_index() == 0:
             (tmp / name).write_text(text)
-    _sync("maxprune-written")  # every host's orbax files are in place before process 0 hashes them
+    sync("maxprune-written")  # every host's orbax files are in place before process 0 hashes them
     if jax.process_index() == 0:
         integrity.write(tmp)  # last: a staging dir with a manifest is otherwise complete
 

@@ -1,5 +1,2 @@
-"""Pruning: methods registered by name that turn (params, Arch, calibration tokens) into a smaller model."""
-
-from maxprune.prune.api import PruneResult, get_pruner, prune, pruner_names, register
-
-__all__ = ["PruneResult", "get_pruner", "prune", "pruner_names", "register"]
+"""Pruning: methods registered by name (`api`) that turn a parent model dir and calibration tokens into a
+smaller or sparser one (`run`); the layer-loop `engine`, the `sparse`, `structured` and `sheared` methods."""

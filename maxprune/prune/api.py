@@ -27,21 +27,21 @@ from maxprune.model.arch import Arch
 
 # method name -> module that registers it (imported on first use)
 METHOD_MODULES = {
-    "magnitude": "maxprune.prune.magnitude",
-    "wanda": "maxprune.prune.wanda",
-    "sparsegpt": "maxprune.prune.sparsegpt",
-    "minitron_depth": "maxprune.prune.minitron",
-    "minitron_width": "maxprune.prune.minitron",
-    "flap": "maxprune.prune.flap",
-    "sheared_llama": "maxprune.prune.sheared",
+    "magnitude": "maxprune.prune.sparse.magnitude",
+    "wanda": "maxprune.prune.sparse.wanda",
+    "sparsegpt": "maxprune.prune.sparse.sparsegpt",
+    "minitron_depth": "maxprune.prune.structured.minitron",
+    "minitron_width": "maxprune.prune.structured.minitron",
+    "flap": "maxprune.prune.structured.flap",
+    "sheared_llama": "maxprune.prune.sheared.method",
 }
 SPARSE_METHODS = ("magnitude", "wanda", "sparsegpt")
 # structured method -> "module:function(parent_arch, prune_cfg) -> Arch", the shape it prunes to without a search
 SHAPE_FUNCTIONS = {
-    "minitron_depth": "maxprune.prune.shapes:depth_shape",
-    "minitron_width": "maxprune.prune.minitron:width_shape",
-    "flap": "maxprune.prune.flap:flap_shape",
-    "sheared_llama": "maxprune.prune.sheared_plan:target_shape",
+    "minitron_depth": "maxprune.prune.structured.shapes:depth_shape",
+    "minitron_width": "maxprune.prune.structured.minitron:width_shape",
+    "flap": "maxprune.prune.structured.flap:flap_shape",
+    "sheared_llama": "maxprune.prune.sheared.plan:target_shape",
 }
 
 
@@ -111,7 +111,8 @@ def target_shape(parent: Arch, cfg) -> Arch | None:
 
 
 def prune(params: dict, arch: Arch, calibration_NL, cfg) -> PruneResult:
-    """Run the pruner named by `cfg.method` (on the shape `resolve` gives); the report says where the shape came from."""
+    """Run the pruner named by `cfg.method` (on the shape `resolve` gives); the report says where the shape
+    came from."""
     cfg, source = resolve(cfg, arch)
     result = get_pruner(cfg.method)(params, arch, calibration_NL, cfg)
     if cfg.method not in SPARSE_METHODS:

@@ -14,7 +14,7 @@ same settings.
   study maps a corpus name to a source (`study.calibration`).
 - **Shapes** (Table 1) apply only to a Llama-3.1-8B-shaped parent
   (`prune.paper_shapes`; `pin_shapes`). Any other parent gets its shape from the
-  ratio (`maxprune.prune.shapes`), or from the search, so the same config file
+  ratio (`maxprune.prune.structured.shapes`), or from the search, so the same config file
   prunes a 135M model without flags.
 - **Ratios**: the paper's 50 % counts the prunable weights; Minitron's 62.5-81.3 %
   count all parameters (1 - 3/8, 2/8, 1.5/8 of an "8 B" model; 81.3 % is 13/16).

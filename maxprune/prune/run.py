@@ -28,11 +28,13 @@ import jax
 import numpy as np
 
 from maxprune import sharding
-from maxprune.config import to_dict
 from maxprune.errors import MaxpruneError
+from maxprune.fs.staged import check_output_dir
 from maxprune.model import masks as masks_lib
-from maxprune.model.model_dir import ModelDir, check_output_dir, load_model_dir, save_model_dir
-from maxprune.prune import api, engine
+from maxprune.model.model_dir import ModelDir, load_model_dir, save_model_dir
+from maxprune.prune import api
+from maxprune.prune.engine.activations import check_calibration
+from maxprune.prune.engine.options import run_options
 
 REPORT_FILE = "prune_report.json"
 DEFAULT_SEQ_LEN = 8192  # the paper's calibration window (128 x 8192 tokens of C4)
@@ -60,7 +62,7 @@ def prune_model_dir(cfg, overwrite: bool = False, progress: bool = True) -> Path
     check_method(md.arch, p)
     calibration = load_calibration(p, md)
     params = masks_lib.apply_masks(md.params, md.masks)  # a sparse parent: its zeros are real zeros
-    with engine.run_options(dtype=cfg.model.dtype, progress=progress, donate=True):
+    with run_options(dtype=cfg.model.dtype, progress=progress, donate=True):
         result = api.prune(params, md.arch, calibration.tokens_NL, p)
     md.params = params = None  # donated to the pruner
     provenance = _provenance(cfg, md, calibration, result)
@@ -96,7 +98,7 @@ def _provenance(cfg, md: ModelDir, calibration: Calibration, result: api.PruneRe
                   parent_tokens_seen=md.provenance.get("tokens_seen"), method=p.method,
                   pattern=p.pattern if p.method in api.SPARSE_METHODS else None, ratio=p.ratio,
                   seed=p.seed, calibration=calibration.info, calibration_tokens=calibration.tokens,
-                  report=_jsonable(result.report.get("summary", {})), config=to_dict(cfg))
+                  report=_jsonable(result.report.get("summary", {})), config=cfg.to_dict())
     return record
 
 
@@ -126,7 +128,7 @@ def load_calibration(p, md: ModelDir) -> Calibration:
         tokens, info = _from_source(p, md, spec)
     info.update(n_samples=int(tokens.shape[0]), seq_len=int(tokens.shape[1]), tokens=int(tokens.size),
                 seed=p.seed)
-    return Calibration(engine.check_calibration(tokens, md.arch), info)
+    return Calibration(check_calibration(tokens, md.arch), info)
 
 
 def _from_npy(p, md: ModelDir, path: Path) -> np.ndarray:
@@ -145,7 +147,7 @@ def _first(tokens: np.ndarray, n_samples: int, what: str) -> np.ndarray:
 
 def _from_prepared(p, md: ModelDir, path: Path) -> tuple[np.ndarray, dict]:
     from maxprune.data.calibration import calibration_from_prepared
-    from maxprune.data.prepare import open_prepared
+    from maxprune.data.prepared import open_prepared
     ds = open_prepared(path)
     tok = ds.manifest.tokenizer
     if "tokenizer_hash" in md.provenance:

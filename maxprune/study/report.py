@@ -38,9 +38,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from maxprune.errors import MaxpruneError
-from maxprune.model.model_dir import commit_dir, staging_dir
-from maxprune.study.plan import Plan, Run, Variant, fmt_tokens
+from maxprune.fs.staged import commit_dir, staging_dir
+from maxprune.study.plan import Plan, Run, fmt_tokens
 from maxprune.study.runner import read_status
+from maxprune.study.variants import Variant
 
 TILDE_NOTE = ("Δ marked `~`: |Δ| is within the largest of either side's evaluation std-dev (lm-eval stderr) "
               "and seed std-dev (the paper's grey cells).")
@@ -435,7 +436,8 @@ def fig_gain_vs_size(plt, plan: Plan, rows: dict, panels: list[str], seeded: boo
                 continue
             # a difference of two seed means: the seed std-devs add in quadrature
             yerr = [math.hypot(_spread(p, metric), _spread(s, metric)) for *_, p, s in gains] if seeded else None
-            ax.errorbar([float(g[0]) for g in gains], [g[1] for g in gains], yerr=yerr, marker="o", capsize=3, label=label)
+            ax.errorbar([float(g[0]) for g in gains], [g[1] for g in gains], yerr=yerr, marker="o", capsize=3,
+                        label=label)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.xaxis.set_major_formatter(EngFormatter())
         ax.set_xlabel("parameters of the pruned model")

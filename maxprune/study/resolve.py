@@ -22,8 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from maxprune import config as config_lib
+import ml_collections
+
 from maxprune.prune import paper
+from maxprune.schema import load_config, override
 
 PRUNE_RUN_KEYS = ("input", "output")  # set by the runner, per study root
 
@@ -31,7 +33,7 @@ PRUNE_RUN_KEYS = ("input", "output")  # set by the runner, per study root
 def method_settings(cfg, variant) -> tuple[dict[str, Any], str | None]:
     """(prune-section fragment, model dtype or None) of the variant's method settings (layer 2)."""
     if variant.config:  # the file's whole prune section (schema defaults included) and its compute dtype
-        user = config_lib.load_config(variant.config)
+        user = load_config(variant.config)
         return user.prune.to_dict(), user.model.dtype
     if cfg.study.method_settings == "paper":
         return paper.method_config(variant.method, variant.ratio, variant.pattern), paper.model_dtype(variant.method)
@@ -55,7 +57,7 @@ def calibration_source(cfg, variant) -> tuple[str | None, str]:
     return cfg.data.train, "data.train" + unmapped
 
 
-def prune_section(cfg, variant) -> tuple[config_lib.ml_collections.FrozenConfigDict, dict[str, Any]]:
+def prune_section(cfg, variant) -> tuple[ml_collections.FrozenConfigDict, dict[str, Any]]:
     """The validated config a variant's prune runs execute (without input/output), and what it came from."""
     settings, dtype = method_settings(cfg, variant)
     changes: dict[str, Any] = {"prune": settings} if settings else {}
@@ -70,7 +72,7 @@ def prune_section(cfg, variant) -> tuple[config_lib.ml_collections.FrozenConfigD
     changes["prune.calibration"] = source
     if dtype:
         changes["model.dtype"] = dtype
-    resolved = config_lib.override(cfg, changes, f"study variant {variant.spec!r}")
+    resolved = override(cfg, changes, f"study variant {variant.spec!r}")
     return resolved, {"calibration_from": what, "settings": _settings_name(cfg, variant)}
 
 
@@ -82,14 +84,14 @@ def _settings_name(cfg, variant) -> str:
 
 def prune_run_config(resolved, parent_dir: str, out_dir: str):
     """The prune run's config with its input and output dirs."""
-    return config_lib.override(resolved, {"prune.input": parent_dir, "prune.output": out_dir})
+    return override(resolved, {"prune.input": parent_dir, "prune.output": out_dir})
 
 
 def train_run_config(cfg, plan, run, **changes):
     """A training run's config: the study's, on the run's data range and token budget, plus `changes`."""
     base = {"data.budgets": dict(plan.budgets), "data.range": run.data_range, "train.tokens": str(run.tokens),
             "seed": run.seed}
-    return config_lib.override(cfg, {**base, **changes})
+    return override(cfg, {**base, **changes})
 
 
 def arch_changes(arch) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Layout of a study root::
 
     study.json        the plan and every run's status (rewritten atomically)
-    .lock             held by the one runner allowed at a time (`maxprune.locks`)
+    .lock             held by the one runner allowed at a time (`maxprune.fs.locks`)
     <run name>/       each run's own dir: run dir of the trainer, or a pruned model dir
         model/        the run's model dir
         eval.json     its evaluation
@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from maxprune import config as config_lib
-from maxprune import locks
 from maxprune.errors import MaxpruneError
+from maxprune.fs import atomic, locks
 from maxprune.model.model_dir import read_arch
+from maxprune.model.schema import arch_from_config
 from maxprune.study import resolve
 from maxprune.study.plan import Plan, Run, plan_study
 
@@ -44,9 +44,7 @@ def read_status(root: Path) -> dict[str, Any]:
 
 
 def _write_status(root: Path, status: dict) -> None:
-    tmp = root / (STATUS_FILE + ".tmp")
-    tmp.write_text(json.dumps(status, indent=2, sort_keys=True) + "\n")
-    tmp.replace(root / STATUS_FILE)
+    atomic.write_json(root / STATUS_FILE, status, sort_keys=True)
 
 
 class StudyRunner:
@@ -155,11 +153,11 @@ class StudyRunner:
 
 def make_plan(cfg) -> Plan:
     """The plan for `cfg`: parent Arch from `model`, sequence length from `data.train` (whose size it checks)."""
-    from maxprune.data.prepare import open_prepared
+    from maxprune.data.prepared import open_prepared
     from maxprune.study.plan import check_budgets
     data = open_prepared(cfg.data.train) if cfg.data.train else None
     seq_len = data.seq_len if data else (cfg.prune.seq_len or 8192)
-    plan = plan_study(cfg, config_lib.arch_from_config(cfg), seq_len)
+    plan = plan_study(cfg, arch_from_config(cfg), seq_len)
     if data is not None:
         check_budgets(plan, data.manifest.num_tokens)
     return plan

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from maxprune.fs import atomic
+
 # device_kind substring (lower case) -> peak dense bf16 FLOP/s per device
 DEVICE_PEAKS: dict[str, float] = {
     "tpu v4": 275e12,
@@ -103,9 +105,7 @@ def drop_after(run_dir: str | Path, step: int) -> None:
         except (ValueError, KeyError):  # a line cut short by a kill
             continue
     if len(keep) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(path)
+        atomic.write_text(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from maxprune.config import to_dict
 from maxprune.errors import MaxpruneError
+from maxprune.fs import atomic
 from maxprune.model import masks as masks_lib
 from maxprune.model.arch import Arch
 from maxprune.model.model_dir import save_model_dir
@@ -67,9 +67,7 @@ def _fetch(x) -> np.ndarray:
 # ------------------------------------------------------------------ status
 def write_status(run_dir: Path, record: dict) -> None:
     if jax.process_index() == 0:
-        tmp = run_dir / "run.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        tmp.replace(run_dir / "run.json")
+        atomic.write_json(run_dir / "run.json", record, sort_keys=True)
 
 
 def read_status(run_dir: str | Path) -> dict:
@@ -81,8 +79,9 @@ def read_status(run_dir: str | Path) -> dict:
 def save_model(cfg, s: Setup, state: TrainState, run_dir: Path, tokens_seen: int, lr: float) -> Path:
     tok = s.dataset.manifest.tokenizer
     provenance = {**s.parent, "method": "train", "tokens_seen": tokens_seen, "lr": lr,
-                  "steps": int(state.step), "data": str(s.dataset.path), "data_ranges": [list(r) for r in s.plan.ranges],
-                  "tokenizer_hash": tok["hash"], "masks_hash": masks_hash(s.masks), "config": to_dict(cfg)}
+                  "steps": int(state.step), "data": str(s.dataset.path),
+                  "data_ranges": [list(r) for r in s.plan.ranges],
+                  "tokenizer_hash": tok["hash"], "masks_hash": masks_hash(s.masks), "config": cfg.to_dict()}
     tokenizer_dir = _tokenizer_dir(cfg, s)
     return save_model_dir(run_dir / MODEL_SUBDIR, s.arch, state.params, s.masks, provenance,
                           overwrite=True, tokenizer_dir=tokenizer_dir)

@@ -16,14 +16,14 @@ from typing import Any
 import jax
 
 from maxprune import sharding
-from maxprune.config import arch_from_config
 from maxprune.data import budgets as budgets_lib
-from maxprune.data.prepare import open_prepared
+from maxprune.data.prepared import open_prepared
 from maxprune.errors import MaxpruneError
 from maxprune.model import llama
 from maxprune.model import masks as masks_lib
 from maxprune.model.arch import Arch
 from maxprune.model.model_dir import MASKS_DIR, load_model_dir, read_arch, read_provenance
+from maxprune.model.schema import arch_from_config
 from maxprune.train.step import Teacher
 
 

@@ -35,24 +35,26 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from maxprune import locks, sharding
+from maxprune import sharding
 from maxprune.data.loader import data_shard, make_loader
 from maxprune.errors import Diverged, MaxpruneError, Stopped
-from maxprune.model import llama
+from maxprune.fs import locks
+from maxprune.train import build, preemption
 from maxprune.train import checkpoint as ckpt_lib
 from maxprune.train import metrics as metrics_lib
 from maxprune.train import optimizer as opt_lib
-from maxprune.train import preemption
 from maxprune.train.loop import Loop
-from maxprune.train.run_dir import (FINGERPRINT_KEYS, MODEL_SUBDIR, check_resume, fingerprint, masks_hash,
-                                    read_status, save_model, write_status)
-from maxprune.train.setup import Setup, check, init_sharded, setup
-from maxprune.train.step import init_state, make_train_step
-from maxprune.train.validation import make_eval_fn, validation_loss, write_validation
-
-__all__ = ["FINGERPRINT_KEYS", "MODEL_SUBDIR", "SWEEP_DIRS", "Setup", "SweepUnfinished", "TrainResult", "check",
-           "init_sharded", "make_eval_fn", "masks_hash", "read_status", "run", "setup", "sweep", "train",
-           "validation_loss"]
+from maxprune.train.run_dir import (
+    MODEL_SUBDIR,
+    check_resume,
+    fingerprint,
+    read_status,
+    save_model,
+    write_status,
+)
+from maxprune.train.setup import Setup, check, setup
+from maxprune.train.step import init_state
+from maxprune.train.validation import validation_loss, write_validation
 
 
 @dataclasses.dataclass
@@ -87,7 +89,7 @@ def run(cfg, run_dir: str | Path, *, lr: float | None = None, max_steps: int | N
     compressed sweep trial passes its own prefix length). It is part of the
     run's fingerprint, so a resume keeps the schedule it started with.
 
-    One process at a time may train in a run dir (`maxprune.locks`). SIGTERM or
+    One process at a time may train in a run dir (`maxprune.fs.locks`). SIGTERM or
     SIGINT saves a checkpoint and raises `Stopped`; a non-finite loss or gradient
     (past `train.skip_nonfinite` in a row) raises `Diverged`, keeping the last
     good checkpoint.
@@ -110,11 +112,12 @@ def _run_locked(cfg, run_dir: Path, lr, max_steps, schedule_steps, write_model, 
     lr = cfg.train.lr if lr is None else lr
     s = setup(cfg)
     schedule_steps = s.steps if schedule_steps is None else schedule_steps
-    schedule = opt_lib.make_schedule(lr, schedule_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
-    optimizer = opt_lib.make_optimizer(cfg.train, schedule_steps, lr)
+    optimizer, schedule = build.optimizer_and_schedule(cfg.train, schedule_steps, lr)
     with sharding.use_mesh(s.mesh):
         state = init_state(s.params, optimizer)
-        step_fn, state_sh = _compile_step(cfg, s, optimizer, schedule, state)
+        step = build.build_step(cfg, s.arch, s.mesh, state, optimizer, schedule, masks=s.masks, teacher=s.teacher,
+                                teacher_params=s.teacher_params)
+    step_fn, state_sh = step.fn, step.state_sharding
     run_fingerprint = fingerprint(cfg, s, lr, schedule_steps)
     ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
                                  async_save=cfg.train.async_checkpoint)
@@ -140,17 +143,6 @@ def _run_locked(cfg, run_dir: Path, lr, max_steps, schedule_steps, write_model, 
         loader.close()
         ckpt.close()
     return _finish(cfg, s, run_dir, state, lr, loop.last_loss, stop.signum, ckpt.directory, write_model)
-
-
-def _compile_step(cfg, s: Setup, optimizer, schedule, state):
-    options = llama.ModelOptions.from_config(cfg.model)
-    step_fn = make_train_step(s.arch, options, optimizer, schedule,
-                              microbatches=cfg.train.microbatches, teacher=s.teacher)
-    state_sh = sharding.tree_shardings(state, s.mesh)
-    masks_sh = sharding.tree_shardings(s.masks, s.mesh) if s.masks else None
-    teacher_sh = sharding.tree_shardings(s.teacher_params, s.mesh) if s.teacher else None
-    return jax.jit(step_fn, in_shardings=(state_sh, sharding.batch_sharding(s.mesh), masks_sh, teacher_sh),
-                   out_shardings=(state_sh, None), donate_argnums=0), state_sh
 
 
 def _restore(ckpt, loader, state, state_sh, run_fingerprint: dict, run_dir: Path):

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from maxprune import sharding
-from maxprune.data.prepare import open_prepared
+from maxprune.data.prepared import open_prepared
 from maxprune.model import llama
 from maxprune.model.arch import Arch
 from maxprune.train import metrics as metrics_lib

@@ -13,6 +13,7 @@ import contextvars
 import dataclasses
 from collections.abc import Iterator
 
+from maxprune.config import at_least, choice
 from maxprune.errors import MaxpruneError
 from maxprune.model import llama
 
@@ -33,13 +34,11 @@ class EngineOptions:
     desc: str = "prune"            # progress bar label
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise MaxpruneError(f"prune.batch_size={self.batch_size} must be >= 1")
+        at_least("prune.batch_size", self.batch_size, 1)
         if self.error_samples < 0:
             raise MaxpruneError(f"prune.error_samples={self.error_samples} must be >= 0 (0: no reconstruction "
                                 f"errors)")
-        if self.order not in ORDERS:
-            raise MaxpruneError(f"prune.order={self.order!r} is not valid; choose one of {', '.join(ORDERS)}")
+        choice("prune.order", self.order, ORDERS)
         llama.ModelOptions(dtype=self.dtype)  # validates the dtype
 
     @property

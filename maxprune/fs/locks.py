@@ -5,7 +5,8 @@
 filesystems without `flock` (some network mounts) it falls back to a lock file
 created with O_EXCL that names its holder; a holder on this host that is no
 longer alive is detected and its lock taken over. A second writer gets a
-one-line error naming the holder, also within one process. Only process 0 of a multi-host job locks: the hosts of one job are one writer.
+one-line error naming the holder, also within one process. Only process 0 of a multi-host job locks: the
+hosts of one job are one writer.
 """
 
 from __future__ import annotations

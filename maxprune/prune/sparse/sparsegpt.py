@@ -28,8 +28,8 @@ gate/up) share one Cholesky.
 
 from __future__ import annotations
 
-import dataclasses
 import collections
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -38,10 +38,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from maxprune.config import at_least
 from maxprune.errors import MaxpruneError
-from maxprune.prune import engine, nm as nm_lib, report
 from maxprune.prune.api import register
-from maxprune.prune.wanda import LINEAR_SITES
+from maxprune.prune.engine.layer import SITE_OF, get_linear, take
+from maxprune.prune.engine.loop import prune_layerwise
+from maxprune.prune.engine.options import options_for
+from maxprune.prune.sparse import nm as nm_lib
+from maxprune.prune.sparse import report
+from maxprune.prune.sparse.wanda import LINEAR_SITES
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -235,7 +240,8 @@ def _prune_columns(w1_BO, hinv1_BB, prune1_BO, n_m):
 def _nm_group(prune1_BO, w1_BO, d1_B, i, n_m):
     n, m = n_m
     O = w1_BO.shape[1]
-    tmp_MO = jnp.square(lax.dynamic_slice(w1_BO, (i, 0), (m, O))) / jnp.square(lax.dynamic_slice(d1_B, (i,), (m,)))[:, None]
+    d_M = lax.dynamic_slice(d1_B, (i,), (m,))
+    tmp_MO = jnp.square(lax.dynamic_slice(w1_BO, (i, 0), (m, O))) / jnp.square(d_M)[:, None]
     return lax.dynamic_update_slice(prune1_BO, ~nm_lib.prune_n_of_m(tmp_MO, n, m), (i, 0))
 
 
@@ -254,7 +260,7 @@ def _lazy_update(w_PO, hinv_PP, err1_BO, b, nb, B):
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _fasterprune_layer(stack, i, hinv_PP, dead_I, ratio, n_m, blocksize):
     """`fasterprune` of layer i's kernel, read from its stack in place."""
-    return fasterprune(engine.take(stack, i), hinv_PP, dead_I, ratio, n_m, blocksize)
+    return fasterprune(take(stack, i), hinv_PP, dead_I, ratio, n_m, blocksize)
 
 
 # ------------------------------------------------------------------ pruner
@@ -268,13 +274,13 @@ class SparseGPTPruner:
 
     def prune_layer(self, layers, i, stats, linears: Sequence[str]):
         """Consumes `stats`: each Hessian is freed once factored, each factor after its last linear."""
-        users = collections.Counter(engine.SITE_OF[name] for name in linears)
+        users = collections.Counter(SITE_OF[name] for name in linears)
         factors, kernels, masks, rows = {}, {}, {}, {}
         for name in linears:
-            site = engine.SITE_OF[name]
+            site = SITE_OF[name]
             if site not in factors:
                 factors[site] = self._factor(stats.pop(site), site)
-            w, keep, loss = _fasterprune_layer(engine.stacked_linear(layers, name), i, *factors[site], self.ratio,
+            w, keep, loss = _fasterprune_layer(get_linear(layers, name), i, *factors[site], self.ratio,
                                                self.n_m, self.blocksize)
             kernels[name], masks[name] = w, keep
             rows[name] = {"obs_loss": float(loss), "dead_inputs": int(jnp.sum(factors[site][1]))}
@@ -295,10 +301,8 @@ class SparseGPTPruner:
 def check(arch, cfg) -> None:
     """Settings and shapes, before calibration is loaded."""
     s = cfg.sparsegpt
-    if s.blocksize < 1:
-        raise MaxpruneError(f"prune.sparsegpt.blocksize={s.blocksize} must be >= 1")
-    if not s.percdamp >= 0:
-        raise MaxpruneError(f"prune.sparsegpt.percdamp={s.percdamp} must be >= 0")
+    at_least("prune.sparsegpt.blocksize", s.blocksize, 1)
+    at_least("prune.sparsegpt.percdamp", s.percdamp, 0)
     n_m = nm_lib.check_fits(arch, cfg.pattern)
     if n_m is not None and s.blocksize % n_m[1]:
         raise MaxpruneError(f"prune.sparsegpt.blocksize={s.blocksize} must be a multiple of M={n_m[1]} "
@@ -310,5 +314,5 @@ def prune(params, arch, calibration_NL, cfg):
     check(arch, cfg)
     s = cfg.sparsegpt
     pruner = SparseGPTPruner(cfg.ratio, nm_lib.check_fits(arch, cfg.pattern), s.blocksize, s.percdamp)
-    result = engine.prune_layerwise(params, arch, calibration_NL, pruner, engine.options_for(cfg))
+    result = prune_layerwise(params, arch, calibration_NL, pruner, options_for(cfg))
     return report.finish(result, "sparsegpt", cfg.pattern, cfg.ratio)

@@ -52,8 +52,8 @@ sharded on a mesh (found from their shardings): inside those programs layer
 ``i`` is gathered (replicated) for the statistics and the decision, the
 stacks keep their shardings, and the activation chunks are batch-sharded.
 
-The engine in modules, in the order a run uses them (all names a method
-needs are re-exported here, so methods import only `engine`):
+The engine's modules (`maxprune.prune.engine`), in the order a run uses them;
+methods import each name from the module that defines it:
 
 - `layer`: linears, sites, the `Accumulator` / `LayerPruner` protocols, reading
   layer ``i`` from the stacks (`take`, `take_layer`), `run_layer`;
@@ -61,7 +61,7 @@ needs are re-exported here, so methods import only `engine`):
 - `activations`: checking and embedding the calibration tokens into chunks, the mesh;
 - `passes`: the jitted per-chunk programs (statistics, forward, errors);
 - `stack_writer`: writing pruned kernels and masks into the stacks in place;
-- this module: the loops (`collect_stats`, `prune_layerwise`) and the report.
+- `loop` (this module): the loops (`collect_stats`, `prune_layerwise`) and the report.
 """
 
 from __future__ import annotations
@@ -76,23 +76,24 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from maxprune import sharding
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import Arch
-from maxprune.prune.activations import check_calibration, embed_calibration, mesh_of, mesh_scope
 from maxprune.prune.api import PruneResult
-from maxprune.prune.layer import (ALL_LINEARS, LINEARS, SEQUENTIAL_GROUPS, SITE_OF, SITES, Accumulator, LayerPruner,
-                                  Tree, check_reference_groups, get_linear, kernel_dims, layer_dims, run_layer,
-                                  set_linears, sites_of, slice_layer, stacked_linear, take, take_layer)
-from maxprune.prune.options import ORDERS, EngineOptions, options_for, run_options
-from maxprune.prune.passes import Passes, layer_with_masks, passes_for
-from maxprune.prune.stack_writer import StackWriter
-
-__all__ = [
-    "ALL_LINEARS", "LINEARS", "ORDERS", "SEQUENTIAL_GROUPS", "SITES", "SITE_OF", "Accumulator", "EngineOptions",
-    "LayerPruner", "Tree", "check_calibration", "check_reference_groups", "collect_stats", "embed_calibration",
-    "get_linear", "kernel_dims", "layer_dims", "mesh_of", "options_for", "prune_layerwise", "run_layer",
-    "run_options", "set_linears", "sites_of", "slice_layer", "stacked_linear", "take", "take_layer",
-]
+from maxprune.prune.engine.activations import embed_calibration, mesh_of
+from maxprune.prune.engine.layer import (
+    ALL_LINEARS,
+    SEQUENTIAL_GROUPS,
+    Accumulator,
+    LayerPruner,
+    Tree,
+    check_reference_groups,
+    layer_dims,
+    sites_of,
+)
+from maxprune.prune.engine.options import EngineOptions, options_for
+from maxprune.prune.engine.passes import Passes, layer_with_masks, passes_for
+from maxprune.prune.engine.stack_writer import StackWriter
 
 
 # ------------------------------------------------------------- collect_stats
@@ -110,7 +111,7 @@ def collect_stats(params: Tree, arch: Arch, calibration_NL, accumulator: Accumul
     mesh = mesh_of(params)
     passes = passes_for(arch, options, accumulator)
     out = []
-    with mesh_scope(mesh):
+    with sharding.mesh_scope(mesh):
         chunks = embed_calibration(params, arch, calibration_NL, options, mesh)
         n = sum(x.shape[0] for x in chunks)
         for i in _layer_bar(arch, options, f"{options.desc} stats"):
@@ -150,7 +151,7 @@ def prune_layerwise(params: Tree, arch: Arch, calibration_NL, pruner: LayerPrune
         getattr(pruner, "reference_groups", (ALL_LINEARS,)))
     layers_report = []
     start = time.perf_counter()
-    with mesh_scope(mesh):
+    with sharding.mesh_scope(mesh):
         chunks = None if calibration_NL is None else embed_calibration(params, arch, calibration_NL, options, mesh)
         n = 0 if chunks is None else sum(x.shape[0] for x in chunks)
         error_chunks = _error_chunks(chunks, options)

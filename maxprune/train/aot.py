@@ -184,7 +184,7 @@ def _bytes(n: int) -> str:
 def default_seq_len(cfg) -> int:
     """The prepared dataset's sequence length when `data.train` is readable, else 2048 (Table 9's)."""
     if cfg.data.train and (Path(cfg.data.train) / "manifest.json").is_file():
-        from maxprune.data.prepare import open_prepared
+        from maxprune.data.prepared import open_prepared
         return open_prepared(cfg.data.train).seq_len
     return 2048
 
@@ -215,8 +215,8 @@ def aot_compile(cfg, topology: str | Topology, *, seq_len: int | None = None,
     from maxprune.model import llama
     from maxprune.model import masks as masks_lib
     from maxprune.model.layers import attention_impl
-    from maxprune.train import optimizer as opt_lib
-    from maxprune.train.step import Teacher, init_state, make_train_step
+    from maxprune.train import build
+    from maxprune.train.step import Teacher, init_state
 
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     options = llama.ModelOptions.from_config(cfg.model)
@@ -225,8 +225,7 @@ def aot_compile(cfg, topology: str | Topology, *, seq_len: int | None = None,
     options = dataclasses.replace(options, attention=attention_impl(options.attention, options.compute_dtype,
                                                                      arch.head_dim, backend=platform))
     steps = 1000  # shapes do not depend on the schedule's length
-    optimizer = opt_lib.make_optimizer(cfg.train, steps)
-    schedule = opt_lib.make_schedule(cfg.train.lr, steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
+    optimizer, schedule = build.optimizer_and_schedule(cfg.train, steps)
     params = llama.abstract_params(arch)
     state = jax.eval_shape(lambda p: init_state(p, optimizer), params)
     mask_tree = (masks_lib.from_kernels({k: jax.ShapeDtypeStruct(masks_lib.get_kernel(params, *k).shape, jnp.bool_)
@@ -236,21 +235,18 @@ def aot_compile(cfg, topology: str | Topology, *, seq_len: int | None = None,
         from maxprune.model.model_dir import read_arch
         teacher = Teacher(read_arch(cfg.train.teacher), cfg.train.kd_weight, cfg.train.kd_temperature)
         teacher_params = llama.abstract_params(teacher.arch)
-    step_fn = make_train_step(arch, options, optimizer, schedule, microbatches=cfg.train.microbatches,
-                              teacher=teacher)
+    step = build.build_step(cfg, arch, mesh, state, optimizer, schedule, options=options, masks=mask_tree,
+                            teacher=teacher, teacher_params=teacher_params)
 
-    # The trainer's jit (trainer._compile_step): same shardings, donated state.
-    def placed(tree):
+    def placed(tree, shardings):  # abstract inputs carrying the step's shardings
         if tree is None:
-            return None, None
-        shardings = sharding.tree_shardings(tree, mesh)
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings), shardings
+            return None
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
-    state, state_sh = placed(state)
-    mask_tree, masks_sh = placed(mask_tree)
-    teacher_params, teacher_sh = placed(teacher_params)
-    batch_sh = sharding.batch_sharding(mesh)
-    tokens = jax.ShapeDtypeStruct((cfg.train.global_batch, seq_len), jnp.int32, sharding=batch_sh)
+    state = placed(state, step.state_sharding)
+    mask_tree = placed(mask_tree, step.masks_sharding)
+    teacher_params = placed(teacher_params, step.teacher_sharding)
+    tokens = jax.ShapeDtypeStruct((cfg.train.global_batch, seq_len), jnp.int32, sharding=step.batch_sharding)
     tokens_per_step = cfg.train.global_batch * seq_len
     analytic = arch.train_flops_per_token(seq_len) * tokens_per_step / topo.chips
     if teacher is not None:
@@ -265,9 +261,7 @@ def aot_compile(cfg, topology: str | Topology, *, seq_len: int | None = None,
     start = time.perf_counter()
     try:
         with sharding.use_mesh(mesh):
-            jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, masks_sh, teacher_sh),
-                             out_shardings=(state_sh, None), donate_argnums=0)
-            compiled = jitted.lower(state, tokens, mask_tree, teacher_params).compile()
+            compiled = step.fn.lower(state, tokens, mask_tree, teacher_params).compile()
     except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program that needs more HBM than there is
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -352,7 +346,7 @@ def libtpu_available() -> bool:
 
 def _arch_and_masks_dir(cfg):
     """The Arch the run trains (the init model dir's, else the config's) and a dir holding masks, if any."""
-    from maxprune.config import arch_from_config
+    from maxprune.model.schema import arch_from_config
 
     source = cfg.train.init or cfg.train.masks_from
     if cfg.train.init:

@@ -51,7 +51,7 @@ Reference: princeton-nlp/LLM-Shearing (``l0_module.py``, ``composer_llama.py``,
   ``size − target`` smallest are zeroed (uniform counts per layer). The soft
   values of the kept units are folded into the weights (the original's
   ``prune_params``) — without its second scaling of lm_head by the hidden gate
-  — and the model is cut with `maxprune.prune.surgery`.
+  — and the model is cut with `maxprune.prune.structured.surgery`.
 
 **Training stream.** Mask learning trains on data, not a calibration set:
 when ``prune.calibration`` is a prepared dataset dir the steps read it through
@@ -72,7 +72,6 @@ caller used is re-exported here):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
@@ -85,27 +84,24 @@ from tqdm.auto import tqdm
 from maxprune import sharding
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import Arch
-from maxprune.prune import engine, shapes
 from maxprune.prune.api import PruneResult, register
-from maxprune.prune.sheared_data import Stream, place_batch, token_stream
-from maxprune.prune.sheared_gates import (EPSILON, LIMIT_HIGH, LIMIT_LOW, LOG_ALPHA_INIT, LOG_ALPHA_MAX, LOG_ALPHA_MIN,
-                                          LOG_ALPHA_STD, MASKS, SCORE_SHARPNESS, TEMPERATURE, Tree, clamp_log_alpha,
-                                          deterministic_gates, expected_params, expected_sparsity, fold_gates,
-                                          gate_noise, gated_logits, init_log_alpha, keep_probability, lagrangian,
-                                          mask_shapes, sample_gates, target_sparsity, unit_counts)
-from maxprune.prune.sheared_plan import TARGET_KEYS, Plan, check, make_plan, target_shape
-from maxprune.prune.sheared_step import (Hyper, Programs, ShearState, init_state, make_optimizer, make_step,
-                                         programs)
-from maxprune.prune.surgery import Keep, slice_model
-
-__all__ = [
-    "EPSILON", "LIMIT_HIGH", "LIMIT_LOW", "LOG_ALPHA_INIT", "LOG_ALPHA_MAX", "LOG_ALPHA_MIN", "LOG_ALPHA_STD",
-    "MASKS", "SCORE_SHARPNESS", "TARGET_KEYS", "TEMPERATURE", "Hyper", "Plan", "Programs", "ShearState", "Stream",
-    "Tree", "check", "clamp_log_alpha", "deterministic_gates", "expected_params", "expected_sparsity", "finalize",
-    "fold_gates", "gate_noise", "gated_logits", "init_log_alpha", "init_state", "keep_probability", "lagrangian",
-    "learn_masks", "make_optimizer", "make_plan", "make_step", "mask_shapes", "mesh_scope", "place_batch",
-    "programs", "prune", "sample_gates", "target_shape", "target_sparsity", "token_stream", "unit_counts",
-]
+from maxprune.prune.engine.activations import mesh_of
+from maxprune.prune.engine.options import options_for
+from maxprune.prune.sheared.data import Stream, place_batch, token_stream
+from maxprune.prune.sheared.gates import (
+    MASKS,
+    Tree,
+    deterministic_gates,
+    expected_params,
+    fold_gates,
+    keep_probability,
+    target_sparsity,
+    unit_counts,
+)
+from maxprune.prune.sheared.plan import Plan, make_plan
+from maxprune.prune.sheared.step import Hyper, ShearState, programs
+from maxprune.prune.structured import shapes
+from maxprune.prune.structured.surgery import Keep, slice_model
 
 
 # =============================================================== finalise
@@ -136,10 +132,10 @@ def _final_sizes(log_alpha: Tree, arch: Arch) -> tuple[Tree, jax.Array]:
 def learn_masks(params: Tree, arch: Arch, stream: Stream, plan: Plan, h: Hyper, seed: int,
                 log_every: int = 10, progress: bool = False, donate: bool = False) -> tuple[ShearState, list[dict]]:
     """Run the mask-learning steps; returns the final state and the trajectory recorded every `log_every` steps."""
-    mesh = engine.mesh_of(params)
+    mesh = mesh_of(params)
     prog = programs(arch, plan, h, seed, mesh, donate)
     trajectory = []
-    with mesh_scope(mesh):
+    with sharding.mesh_scope(mesh):
         state = prog.init(params)
         bar = tqdm(range(plan.steps), desc="sheared_llama", unit="step",
                    disable=not (progress and jax.process_index() == 0))
@@ -155,11 +151,6 @@ def learn_masks(params: Tree, arch: Arch, stream: Stream, plan: Plan, h: Hyper, 
     return state, trajectory
 
 
-def mesh_scope(mesh):
-    """`sharding.use_mesh` (activation constraints on) for a mesh; nothing for a single device."""
-    return sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-
-
 def _record(step: int, metrics) -> dict:
     m = jax.device_get(metrics)
     record = {"step": step, **{k: float(v) for k, v in m.items() if k != "masks"}}
@@ -172,7 +163,7 @@ def _record(step: int, metrics) -> dict:
 def prune(params, arch: Arch, calibration_NL, cfg) -> PruneResult:
     """Learn the gates on the token budget, then fold and cut to the target shape (see module doc)."""
     start_time = time.perf_counter()
-    options = engine.options_for(cfg)
+    options = options_for(cfg)
     stream = token_stream(cfg, calibration_NL, arch)
     try:
         plan = make_plan(arch, cfg, stream.seq_len)

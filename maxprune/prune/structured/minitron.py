@@ -4,7 +4,7 @@
 removal hurts the calibration loss least (paper eq. 3), or, with
 ``criterion="block_influence"``, the block with the lowest ShortGPT influence
 ``1 − cos(x_in, x_out)`` (one forward). k comes from ``prune.ratio`` (see
-`maxprune.prune.shapes`) or ``minitron_depth.layers_removed``. The loss of
+`maxprune.prune.structured.shapes`) or ``minitron_depth.layers_removed``. The loss of
 every start i is computed in one sweep per calibration chunk: the prefix
 states h_i are advanced one layer at a time and shared, and only the suffix
 [i+k, L) is run for each i — ``L + (L−k)(L−k+1)/2`` layer applications per
@@ -25,9 +25,9 @@ order (channels get permuted; one shared hidden index), heads kept unless
 ``minitron_width.num_heads`` asks for fewer (then the best heads inside every
 KV group). RMSNorm then normalises over the kept channels only, unrescaled —
 the reference behaviour. The shape comes from ``hidden_size`` (+ ``ffn_size``),
-from the architecture search (``prune.search.enabled``; `maxprune.prune.search`),
+from the architecture search (``prune.search.enabled``; `maxprune.prune.structured.search`),
 or by default is the median admissible shape at the ratio
-(`maxprune.prune.shapes.default_candidate`).
+(`maxprune.prune.structured.shapes.default_candidate`).
 """
 
 from __future__ import annotations
@@ -43,12 +43,18 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from maxprune import sharding
+from maxprune.config import choice
 from maxprune.errors import MaxpruneError
 from maxprune.model import llama
 from maxprune.model.arch import Arch
-from maxprune.prune import engine, schema, search, shapes
+from maxprune.prune import schema
 from maxprune.prune.api import PruneResult, register
-from maxprune.prune.surgery import Keep, slice_model
+from maxprune.prune.engine.activations import check_calibration, mesh_of
+from maxprune.prune.engine.loop import collect_stats
+from maxprune.prune.engine.options import EngineOptions, options_for
+from maxprune.prune.structured import search, shapes
+from maxprune.prune.structured.surgery import Keep, slice_model
 
 
 # ===================================================================== depth
@@ -64,23 +70,21 @@ class DepthScores:
 
 
 def depth_scores(params, arch: Arch, calibration_NL, k: int, criterion: str = "loss",
-                 options: engine.EngineOptions | None = None) -> DepthScores:
+                 options: EngineOptions | None = None) -> DepthScores:
     """Loss (or block influence) of removing [i, i+k) for every start i, sharing the prefix states."""
-    if criterion not in schema.DEPTH_CRITERIA:
-        raise MaxpruneError(f"minitron_depth.criterion={criterion!r} is not valid; choose one of "
-                            f"{', '.join(schema.DEPTH_CRITERIA)}")
+    choice("minitron_depth.criterion", criterion, schema.DEPTH_CRITERIA)
     if not 1 <= k < arch.num_layers:
         raise MaxpruneError(f"minitron_depth.layers_removed={k} must be in [1, {arch.num_layers - 1}] for a "
                             f"{arch.num_layers}-layer model")
-    options = options or engine.options_for()
-    tokens = engine.check_calibration(calibration_NL, arch)
+    options = options or options_for()
+    tokens = check_calibration(calibration_NL, arch)
     passes = _depth_passes(arch, options.model_options)
     params = jax.tree.map(jnp.asarray, params)  # host arrays: upload once, not on every layer call
     starts = arch.num_layers - k + 1
     nll, cos, count, applied = np.zeros(starts), np.zeros(starts), 0.0, 0
     dense_nll = 0.0
-    mesh = engine.mesh_of(params)
-    with search.mesh_scope(mesh):
+    mesh = mesh_of(params)
+    with sharding.mesh_scope(mesh):
         for b in _bar(range(0, len(tokens), options.batch_size), options, f"{options.desc} blocks"):
             chunk = search.place_tokens(tokens[b:b + options.batch_size], mesh)
             if criterion == "loss":
@@ -178,7 +182,7 @@ def prune_depth(params, arch: Arch, calibration_NL, cfg) -> PruneResult:
     k = c.layers_removed or arch.num_layers - shapes.depth_layers_kept(arch, cfg.ratio, c.ratio_of)
     if calibration_NL is None:
         raise MaxpruneError("minitron_depth needs calibration tokens: set prune.calibration")
-    scores = depth_scores(params, arch, calibration_NL, k, c.criterion, engine.options_for(cfg))
+    scores = depth_scores(params, arch, calibration_NL, k, c.criterion, options_for(cfg))
     curve = scores.loss_I if c.criterion == "loss" else scores.influence_I
     best = int(np.argmin(curve))  # first minimum: the earliest block on ties
     kept = [j for j in range(arch.num_layers) if not best <= j < best + k]
@@ -237,11 +241,11 @@ class WidthScores:
     head_LN: np.ndarray    # L2 over each query head's o_proj-input channels
 
 
-def width_scores(params, arch: Arch, calibration_NL, options: engine.EngineOptions | None = None,
+def width_scores(params, arch: Arch, calibration_NL, options: EngineOptions | None = None,
                  aggregation: str = "paper") -> WidthScores:
     """Minitron's activation importance from one forward pass of the unchanged model."""
     accumulator = _accumulator(aggregation)
-    layers = engine.collect_stats(params, arch, calibration_NL, accumulator, options or engine.options_for())
+    layers = collect_stats(params, arch, calibration_NL, accumulator, options or options_for())
     stats = {site: np.stack([np.asarray(s[site], np.float64) for s in layers]) for site in accumulator.sites}
     return combine_width_stats(stats, arch, aggregation)
 
@@ -265,9 +269,7 @@ def combine_width_stats(stats: Mapping[str, np.ndarray], arch: Arch, aggregation
 
 
 def _accumulator(aggregation: str):
-    if aggregation not in ACCUMULATORS:
-        raise MaxpruneError(f"minitron_width.aggregation={aggregation!r} is not valid; choose one of "
-                            f"{', '.join(schema.WIDTH_AGGREGATIONS)}")
+    choice("minitron_width.aggregation", aggregation, schema.WIDTH_AGGREGATIONS)
     return ACCUMULATORS[aggregation]
 
 
@@ -305,7 +307,7 @@ def prune_width(params, arch: Arch, calibration_NL, cfg) -> PruneResult:
     start_time = time.perf_counter()
     if calibration_NL is None:
         raise MaxpruneError("minitron_width needs calibration tokens: set prune.calibration")
-    options = engine.options_for(cfg)
+    options = options_for(cfg)
     if not cfg.search.enabled:
         shape = width_shape(arch, cfg)  # before the long pass: a bad shape fails fast
     scores = width_scores(params, arch, calibration_NL, options, cfg.minitron_width.aggregation)
@@ -329,5 +331,5 @@ def _width_result(params, arch: Arch, scores: WidthScores, shape: Arch) -> Prune
 
 
 # ------------------------------------------------------------------ helpers
-def _bar(iterable, options: engine.EngineOptions, desc: str):
+def _bar(iterable, options: EngineOptions, desc: str):
     return tqdm(iterable, desc=desc, unit="chunk", disable=not (options.progress and jax.process_index() == 0))

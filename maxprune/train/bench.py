@@ -32,7 +32,7 @@ from typing import Any
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import Arch
 
-PAPER_TABLES = Path(__file__).parent / "study" / "paper_tables"
+PAPER_TABLES = Path(__file__).parents[1] / "study" / "paper_tables"
 SPARSE_METHODS = ("wanda", "sparsegpt")
 
 
@@ -131,17 +131,13 @@ def measure(variant: Variant, cfg, mesh, *, seq_len: int, global_batch: int, ste
     import jax.numpy as jnp
 
     from maxprune import sharding
-    from maxprune.model import llama
     from maxprune.model import masks as masks_lib
-    from maxprune.train import optimizer as opt_lib
-    from maxprune.train.step import init_state, make_train_step
-    from maxprune.train.trainer import init_sharded
+    from maxprune.train import build
+    from maxprune.train.setup import init_sharded
+    from maxprune.train.step import init_state
 
     arch = variant.arch
-    options = llama.ModelOptions.from_config(cfg.model)
-    optimizer = opt_lib.make_optimizer(cfg.train, 1000)
-    schedule = opt_lib.make_schedule(cfg.train.lr, 1000, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
-    step_fn = make_train_step(arch, options, optimizer, schedule, microbatches=cfg.train.microbatches)
+    optimizer, schedule = build.optimizer_and_schedule(cfg.train, 1000)  # shapes do not depend on the length
     key_params, key_masks, key_tokens = jax.random.split(jax.random.key(seed), 3)
     batch_sh = sharding.batch_sharding(mesh)
     with sharding.use_mesh(mesh):
@@ -161,10 +157,9 @@ def measure(variant: Variant, cfg, mesh, *, seq_len: int, global_batch: int, ste
         state = jax.device_put(state, state_sh)
         tokens = jax.jit(lambda k: jax.random.randint(k, (global_batch, seq_len), 0, arch.vocab_size, jnp.int32),
                          out_shardings=batch_sh)(key_tokens)
-        jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, masks_sh, None),
-                         out_shardings=(state_sh, None), donate_argnums=0)
+        step = build.build_step(cfg, arch, mesh, state, optimizer, schedule, masks=masks)
         start = time.perf_counter()
-        compiled = jitted.lower(state, tokens, masks, None).compile()
+        compiled = step.fn.lower(state, tokens, masks, None).compile()
         compile_s = time.perf_counter() - start
 
         def one_step(state):
@@ -192,7 +187,7 @@ def bench_step(cfg, *, seq_len: int = 2048, scale: float = 1.0, names: str | Non
     import jax
 
     from maxprune import sharding
-    from maxprune.config import arch_from_config
+    from maxprune.model.schema import arch_from_config
     from maxprune.train import metrics as metrics_lib
 
     if steps < 1 or warmup < 0:

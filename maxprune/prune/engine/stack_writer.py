@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from maxprune.model import masks as masks_lib
-from maxprune.prune.layer import ALL_LINEARS, LINEARS, Tree, get_linear
+from maxprune.prune.engine.layer import ALL_LINEARS, LINEARS, Tree, get_linear
 
 
 class StackWriter:
@@ -44,7 +44,8 @@ class StackWriter:
 
     def _set(self, name: str, stack: jax.Array) -> None:
         block, _ = LINEARS[name]
-        self.layers = {**self.layers, block: {**self.layers[block], name: {**self.layers[block][name], "kernel": stack}}}
+        linear = {**self.layers[block][name], "kernel": stack}
+        self.layers = {**self.layers, block: {**self.layers[block], name: linear}}
         self.owned.add(name)
 
     def write(self, i: int, kernels: Mapping[str, jax.Array], keeps: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

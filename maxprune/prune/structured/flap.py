@@ -20,7 +20,7 @@ docs/methods.md reads it, reproduced detail by detail:
   imply); a group's score is the mean of its query-head channels' scores.
   UL-MM (the paper's): every layer keeps the same number of KV groups and FFN
   channels, the configured shape (or the search's). UL-UM: the same fraction of
-  groups and of FFN channels (`maxprune.prune.shapes.flap_uniform_shape`).
+  groups and of FFN channels (`maxprune.prune.structured.shapes.flap_uniform_shape`).
   AL-AM (global ranking, non-uniform widths) is not implemented: layer-stacked
   params need uniform widths.
 - Bias compensation: ``bias += (baseline · removed) @ W`` into the o_proj and
@@ -42,9 +42,11 @@ import numpy as np
 
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import Arch
-from maxprune.prune import engine, search, shapes
 from maxprune.prune.api import PruneResult, register
-from maxprune.prune.surgery import Keep, slice_model
+from maxprune.prune.engine.loop import collect_stats
+from maxprune.prune.engine.options import EngineOptions, options_for
+from maxprune.prune.structured import search, shapes
+from maxprune.prune.structured.surgery import Keep, slice_model
 
 SITES = ("attn_out", "mlp_hidden")  # inputs of o_proj and down_proj
 OUTPUT_OF = {"attn_out": ("attn", "o"), "mlp_hidden": ("mlp", "down")}
@@ -91,8 +93,8 @@ class FlapStats:
     sites: dict[str, dict[str, np.ndarray]]
 
 
-def flap_stats(params, arch: Arch, calibration_NL, options: engine.EngineOptions | None = None) -> FlapStats:
-    layers = engine.collect_stats(params, arch, calibration_NL, FluctuationStats(), options or engine.options_for())
+def flap_stats(params, arch: Arch, calibration_NL, options: EngineOptions | None = None) -> FlapStats:
+    layers = collect_stats(params, arch, calibration_NL, FluctuationStats(), options or options_for())
     return FlapStats({site: {key: np.stack([np.asarray(layer[site][key]) for layer in layers])
                              for key in ("baseline", "fluctuation", "scaler")} for site in SITES})
 
@@ -186,7 +188,7 @@ def prune(params, arch: Arch, calibration_NL, cfg) -> PruneResult:
         raise MaxpruneError("flap needs calibration tokens: set prune.calibration")
     f = cfg.flap
     shape = None if cfg.search.enabled else flap_shape(arch, cfg)  # fail fast, before the pass
-    options = engine.options_for(cfg)
+    options = options_for(cfg)
     stats = flap_stats(params, arch, calibration_NL, options)
     group_LK, ffn_LF = flap_scores(params, arch, stats, f.metric)
     build = lambda s: _flap_result(params, arch, stats, flap_keep(group_LK, ffn_LF, s))

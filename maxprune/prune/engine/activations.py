@@ -9,7 +9,6 @@ that mesh from the params' shardings; `mesh_scope` makes it current and
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -20,8 +19,8 @@ from maxprune import sharding
 from maxprune.errors import MaxpruneError
 from maxprune.model import llama
 from maxprune.model.arch import Arch
-from maxprune.prune.layer import Tree
-from maxprune.prune.options import EngineOptions
+from maxprune.prune.engine.layer import Tree
+from maxprune.prune.engine.options import EngineOptions
 
 
 def mesh_of(tree) -> jax.sharding.Mesh | None:
@@ -33,17 +32,11 @@ def mesh_of(tree) -> jax.sharding.Mesh | None:
     return None
 
 
-def mesh_scope(mesh):
-    return sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-
-
 def _place_chunk(x, mesh):
     """Batch-shard a chunk over data×fsdp when the mesh divides it, else replicate it."""
     if mesh is None:
         return x
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    spec = sharding.batch_sharding(mesh, x.ndim) if x.shape[0] % dp == 0 else NamedSharding(mesh, PartitionSpec())
-    return jax.device_put(x, spec)
+    return jax.device_put(x, sharding.batch_or_replicated(mesh, x.shape[0], x.ndim))
 
 
 def replicate(tree, mesh):

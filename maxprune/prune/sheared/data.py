@@ -16,7 +16,7 @@ import numpy as np
 
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import Arch
-from maxprune.prune import engine
+from maxprune.prune.engine.activations import check_calibration
 
 
 @dataclasses.dataclass
@@ -37,7 +37,7 @@ def token_stream(p, calibration_NL, arch: Arch) -> Stream:
     if calibration_NL is None:
         raise MaxpruneError("sheared_llama learns its masks on training tokens: set prune.calibration (a prepared "
                             "dataset dir, or calibration tokens to cycle through)")
-    tokens = engine.check_calibration(calibration_NL, arch)
+    tokens = check_calibration(calibration_NL, arch)
     n = tokens.shape[0]
 
     def cycle():
@@ -49,7 +49,7 @@ def token_stream(p, calibration_NL, arch: Arch) -> Stream:
 
 def _prepared_stream(p, arch: Arch) -> Stream:
     from maxprune.data.loader import make_loader
-    from maxprune.data.prepare import open_prepared
+    from maxprune.data.prepared import open_prepared
     ds = open_prepared(p.calibration)
     if ds.manifest.tokenizer["vocab_size"] > arch.vocab_size:
         raise MaxpruneError(f"prune.calibration={p.calibration} uses a tokenizer of "

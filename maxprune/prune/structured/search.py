@@ -1,7 +1,7 @@
 """Architecture search (paper Appendix D.3): prune to every candidate shape, keep the lowest calibration loss.
 
 Why: at a given ratio Minitron-width (hidden vs FFN) and FLAP (KV groups vs
-FFN) admit several shapes of about the same size (`maxprune.prune.shapes`).
+FFN) admit several shapes of about the same size (`maxprune.prune.structured.shapes`).
 The paper prunes the parent to each without retraining, measures the loss on
 the calibration set and keeps the best (Tables 5–7). Importance scores do not
 depend on the target shape, so a method scores once and `search` only
@@ -11,25 +11,25 @@ candidate. Only the best result so far is held besides the current one.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from maxprune import sharding
 from maxprune.model import llama
 from maxprune.model.arch import Arch
-from maxprune.prune import engine, shapes
 from maxprune.prune.api import PruneResult
+from maxprune.prune.engine.activations import check_calibration, mesh_of
+from maxprune.prune.engine.options import EngineOptions
+from maxprune.prune.structured import shapes
 
 
 def search(candidates: list[Arch], build: Callable[[Arch], PruneResult], calibration_NL,
-           options: engine.EngineOptions) -> tuple[PruneResult, dict]:
+           options: EngineOptions) -> tuple[PruneResult, dict]:
     """The candidate with the lowest calibration loss, and a Table 5–7 style report of all of them."""
     best, best_i, rows = None, -1, []
     bar = tqdm(candidates, desc=f"{options.desc} search", unit="shape",
@@ -46,14 +46,14 @@ def search(candidates: list[Arch], build: Callable[[Arch], PruneResult], calibra
     return best, {**report, "table": format_table(report)}
 
 
-def calibration_loss(params, arch: Arch, calibration_NL, options: engine.EngineOptions) -> float:
+def calibration_loss(params, arch: Arch, calibration_NL, options: EngineOptions) -> float:
     """Mean next-token loss over the calibration sequences (chunks of ``options.batch_size``)."""
-    tokens = engine.check_calibration(calibration_NL, arch)
+    tokens = check_calibration(calibration_NL, arch)
     loss_fn = _loss_fn(arch, options.model_options)
     params = jax.tree.map(jnp.asarray, params)  # host arrays: upload once, not per chunk
-    mesh = engine.mesh_of(params)
+    mesh = mesh_of(params)
     total = 0.0
-    with mesh_scope(mesh):
+    with sharding.mesh_scope(mesh):
         for i in range(0, len(tokens), options.batch_size):
             chunk = tokens[i:i + options.batch_size]
             total += float(loss_fn(params, place_tokens(chunk, mesh))) * chunk.shape[0]
@@ -65,18 +65,11 @@ def _loss_fn(arch: Arch, mo: llama.ModelOptions):
     return jax.jit(lambda p, t: llama.next_token_loss(llama.forward(p, t, arch, options=mo), t))
 
 
-def mesh_scope(mesh):
-    """The params' mesh made current (so the model's activation constraints apply), or nothing."""
-    return sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-
-
 def place_tokens(tokens_BL: np.ndarray, mesh):
     """A chunk of tokens batch-sharded over data×fsdp when that divides it, else replicated."""
     if mesh is None:
         return jnp.asarray(tokens_BL)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    spec = sharding.batch_sharding(mesh, 2) if tokens_BL.shape[0] % dp == 0 else NamedSharding(mesh, PartitionSpec())
-    return jax.device_put(tokens_BL, spec)
+    return jax.device_put(tokens_BL, sharding.batch_or_replicated(mesh, tokens_BL.shape[0]))
 
 
 def format_table(report: dict) -> list[str]:

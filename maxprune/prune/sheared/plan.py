@@ -14,7 +14,7 @@ import math
 from maxprune.data.budgets import parse_tokens
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import Arch
-from maxprune.prune import shapes
+from maxprune.prune.structured import shapes
 
 TARGET_KEYS = ("hidden_size", "num_heads", "ffn_size", "num_layers")
 

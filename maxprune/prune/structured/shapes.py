@@ -4,7 +4,7 @@ Why a module of its own: a ratio does not name a shape. Minitron-width can
 trade hidden size against FFN size, FLAP KV groups against FFN size, Sheared
 LLaMA all three; the paper enumerates candidate shapes of (about) the target
 size and picks the one with the lowest calibration loss (Appendix D.3,
-`maxprune.prune.search`). This module is that enumeration, and the one place
+`maxprune.prune.structured.search`). This module is that enumeration, and the one place
 that turns a ratio into a parameter target.
 
 Conventions (inferred from the paper's Tables 1 and 5–7, pinned in
@@ -101,7 +101,8 @@ def depth_layers_kept(base: Arch, ratio: float, ratio_of: str = "prunable") -> i
         room = base.num_prunable_params() if ratio_of == "prunable" else base.num_params()
         raise MaxpruneError(f"prune.ratio={ratio} ({ratio_of}) leaves under {target:,} parameters: not even one "
                             f"of the {base.num_layers} layers fits (the embeddings alone hold more); the largest "
-                            f"ratio that keeps one layer is {math.floor((base.num_params() - one) / room * 1000) / 1000}")
+                            f"ratio that keeps one layer is "
+                            f"{math.floor((base.num_params() - one) / room * 1000) / 1000}")
     return int(kept)  # < num_layers: any ratio > 0 removes at least one layer
 
 

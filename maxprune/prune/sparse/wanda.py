@@ -17,8 +17,12 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from maxprune.prune import engine, nm as nm_lib, report
 from maxprune.prune.api import register
+from maxprune.prune.engine.layer import SITE_OF, get_linear, take
+from maxprune.prune.engine.loop import prune_layerwise
+from maxprune.prune.engine.options import options_for
+from maxprune.prune.sparse import nm as nm_lib
+from maxprune.prune.sparse import report
 
 LINEAR_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
 
@@ -59,8 +63,8 @@ class WandaPruner:
         self.accumulator = SquaredNorms()
 
     def prune_layer(self, layers, i, stats, linears: Sequence[str]):
-        stacks = {name: engine.stacked_linear(layers, name) for name in linears}
-        norms = {name: stats[engine.SITE_OF[name]] for name in linears}
+        stacks = {name: get_linear(layers, name) for name in linears}
+        norms = {name: stats[SITE_OF[name]] for name in linears}
         return {}, _wanda_layer(stacks, i, norms, self.ratio, self.n_m), {}
 
 
@@ -82,7 +86,7 @@ def _wanda_layer(stacks, i, norms, ratio, n_m):
                 out.update(zip(names, keeps))
     for name, w in stacks.items():
         if name not in out:
-            out[name] = wanda_keep(engine.take(w, i), norms[name], ratio, n_m)
+            out[name] = wanda_keep(take(w, i), norms[name], ratio, n_m)
     return out
 
 
@@ -101,5 +105,5 @@ def check(arch, cfg) -> None:
 @register("wanda")
 def prune(params, arch, calibration_NL, cfg):
     pruner = WandaPruner(cfg.ratio, nm_lib.check_fits(arch, cfg.pattern))
-    result = engine.prune_layerwise(params, arch, calibration_NL, pruner, engine.options_for(cfg))
+    result = prune_layerwise(params, arch, calibration_NL, pruner, options_for(cfg))
     return report.finish(result, "wanda", cfg.pattern, cfg.ratio)

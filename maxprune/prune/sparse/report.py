@@ -16,14 +16,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
 from maxprune.errors import MaxpruneError
 from maxprune.model import masks as masks_lib
-from maxprune.prune import nm as nm_lib
 from maxprune.prune.api import PruneResult
 from maxprune.prune.schema import parse_pattern
+from maxprune.prune.sparse import nm as nm_lib
 
 
 def finish(result: PruneResult, method: str, pattern: str, ratio: float) -> PruneResult:

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from maxprune.errors import MaxpruneError
+from maxprune.fs import atomic
 
 MANIFEST_FILE = "manifest.json"
 _CHUNK = 1 << 20
@@ -62,9 +63,7 @@ def _digests(root, names: list[str]) -> dict[str, dict]:
 def write(root: str | os.PathLike, name: str = MANIFEST_FILE) -> dict[str, dict]:
     """Hash everything under `root` into `root/name`, written to a temp name and renamed."""
     files = compute(root, exclude=(name,))
-    tmp = Path(root) / f".{name}.tmp"
-    tmp.write_text(json.dumps({"files": files}, indent=2, sort_keys=True) + "\n")
-    tmp.replace(Path(root) / name)
+    atomic.write_json(Path(root) / name, {"files": files}, sort_keys=True)
     return files
 
 

@@ -15,8 +15,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from maxprune.prune import engine, nm as nm_lib, report
 from maxprune.prune.api import register
+from maxprune.prune.engine.layer import get_linear, take
+from maxprune.prune.engine.loop import prune_layerwise
+from maxprune.prune.engine.options import options_for
+from maxprune.prune.sparse import nm as nm_lib
+from maxprune.prune.sparse import report
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -34,14 +38,14 @@ class MagnitudePruner:
         self.ratio, self.n_m = ratio, n_m
 
     def prune_layer(self, layers, i, stats, linears: Sequence[str]):
-        stacks = {name: engine.stacked_linear(layers, name) for name in linears}
+        stacks = {name: get_linear(layers, name) for name in linears}
         return {}, _magnitude_layer(stacks, i, self.ratio, self.n_m), {}
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _magnitude_layer(stacks, i, ratio, n_m):
     """All of layer i's keep-masks in one program (kernels read from their stacks in place)."""
-    return {name: magnitude_keep(engine.take(w, i), ratio, n_m) for name, w in stacks.items()}
+    return {name: magnitude_keep(take(w, i), ratio, n_m) for name, w in stacks.items()}
 
 
 def check(arch, cfg) -> None:
@@ -51,5 +55,5 @@ def check(arch, cfg) -> None:
 @register("magnitude")
 def prune(params, arch, calibration_NL, cfg):
     pruner = MagnitudePruner(cfg.ratio, nm_lib.check_fits(arch, cfg.pattern))
-    result = engine.prune_layerwise(params, arch, calibration_NL, pruner, engine.options_for(cfg))
+    result = prune_layerwise(params, arch, calibration_NL, pruner, options_for(cfg))
     return report.finish(result, "magnitude", cfg.pattern, cfg.ratio)

@@ -15,15 +15,25 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from maxprune import sharding
 from maxprune.model import llama
 from maxprune.model.arch import Arch
-from maxprune.prune.sheared_gates import (MASKS, Tree, clamp_log_alpha, expected_params, gate_noise, gated_logits,
-                                          init_log_alpha, keep_probability, lagrangian, sample_gates,
-                                          target_sparsity)
-from maxprune.prune.sheared_plan import Plan
+from maxprune.prune.sheared.gates import (
+    MASKS,
+    Tree,
+    clamp_log_alpha,
+    expected_params,
+    gate_noise,
+    gated_logits,
+    init_log_alpha,
+    keep_probability,
+    lagrangian,
+    sample_gates,
+    target_sparsity,
+)
+from maxprune.prune.sheared.plan import Plan
 from maxprune.train.optimizer import make_schedule
 
 
@@ -128,7 +138,7 @@ def programs(arch: Arch, plan: Plan, h: Hyper, seed: int, mesh, donate: bool) ->
     if mesh is None:
         return Programs(jax.jit(init, donate_argnums=donated), jax.jit(step, donate_argnums=0), None)
     state_sh = sharding.tree_shardings(jax.eval_shape(init, llama.abstract_params(arch)), mesh)
-    batch_sh = _batch_sharding(mesh, plan.global_batch)
+    batch_sh = sharding.batch_or_replicated(mesh, plan.global_batch)
     return Programs(jax.jit(init, out_shardings=state_sh, donate_argnums=donated),
                     jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                             donate_argnums=0), batch_sh)
@@ -150,9 +160,3 @@ def _accumulated_grads(ce_fn, variables, noise, tokens_BL, microbatches: int):
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), variables)
     (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), tokens_MBL)
     return loss / microbatches, jax.tree.map(lambda g: g / microbatches, grads)
-
-
-def _batch_sharding(mesh, global_batch: int) -> NamedSharding:
-    """Batch over data x fsdp when they divide it, else replicated (tiny batches on many devices)."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    return sharding.batch_sharding(mesh) if global_batch % dp == 0 else NamedSharding(mesh, PartitionSpec())

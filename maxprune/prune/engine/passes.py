@@ -20,10 +20,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 from maxprune.model import llama
 from maxprune.model import masks as masks_lib
 from maxprune.model.arch import Arch
-from maxprune.prune.activations import replicate
-from maxprune.prune.layer import (ALL_LINEARS, SITE_OF, Accumulator, Tree, get_linear, layer_dims, run_layer,
-                                  take_layer)
-from maxprune.prune.options import EngineOptions
+from maxprune.prune.engine.activations import replicate
+from maxprune.prune.engine.layer import (
+    ALL_LINEARS,
+    SITE_OF,
+    Accumulator,
+    Tree,
+    get_linear,
+    layer_dims,
+    run_layer,
+    take_layer,
+)
+from maxprune.prune.engine.options import EngineOptions
 
 _PASSES: dict = {}
 

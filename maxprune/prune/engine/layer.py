@@ -103,11 +103,6 @@ def take_layer(layers: Tree, i) -> Tree:
     return jax.tree.map(lambda a: take(a, i), layers)
 
 
-def stacked_linear(layers: Tree, name: str) -> jax.Array:
-    """The stacked ``[num_layers, in, out]`` kernel of a linear."""
-    return get_linear(layers, name)
-
-
 def layer_dims(layer_params: Tree, stacked: bool = False) -> dict[str, int]:
     """Width of every site, read off the layer's kernels (so pruned shapes work too)."""
     kernel = lambda name: layer_params[LINEARS[name][0]][name]["kernel"].shape[int(stacked):]
@@ -150,6 +145,7 @@ def run_layer(layer_params: Tree, x_BLD: jax.Array, arch: Arch, options: llama.M
 
 
 def get_linear(layer_params: Tree, name: str) -> jax.Array:
+    """A linear's kernel: ``[in, out]`` of one layer, ``[num_layers, in, out]`` of the stacked layers."""
     block, _ = LINEARS[name]
     return layer_params[block][name]["kernel"]
 

@@ -1,0 +1,2 @@
+"""Sheared LLaMA: learned gates (`gates`), their train step (`step`), the target plan (`plan`), the token
+stream (`data`), the method (`method`)."""
