@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -52,3 +54,10 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def write_result(path: Path, record: dict) -> None:
+    """The benchmark's JSON result (indented, one trailing newline), and a line saying where it went."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import write_result
 
 from maxprune.data.builtin import builtin_corpus
 from maxprune.data.loader import make_loader
@@ -205,9 +206,7 @@ def main(argv=None) -> dict:
     print(f"  grain loader           {loader['tokens_per_s']:>12,.0f} tokens/s")
     print(f"  train step             {step['tokens_per_s']:>12,.0f} tokens/s")
     print(f"  ratio loader/step      {result['loader_vs_step']['ratio']:.1f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return result
 
 

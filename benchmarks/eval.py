@@ -26,7 +26,6 @@ Prints a side-by-side table and writes benchmarks/results/eval.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from common import machine, random_params
+from common import machine, random_params, write_result
 
 from maxprune.convert import hf
 from maxprune.data.builtin import builtin_corpus
@@ -192,9 +191,7 @@ def main(argv=None) -> dict:
     record = {"benchmark": "eval", "config": {k: v for k, v in vars(args).items() if k != "out"},
               "arch": arch.to_dict(), "num_params": arch.num_params(), "perplexity": ppl,
               "lm_eval": reqs, "machine": machine()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, record)
     return record
 
 

@@ -11,7 +11,6 @@ benchmarks/results/forward.json with the machine's description.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from common import machine, random_params, time_runs
+from common import machine, random_params, time_runs, write_result
 
 from maxprune.convert import hf
 from maxprune.model import llama
@@ -115,9 +114,7 @@ def main(argv=None) -> dict:
               "arch": arch.to_dict(), "num_params": arch.num_params(),
               "fp32_max_abs_logit_diff": max_abs_diff, "results": results, "machine": machine()}
     record["config"]["quick"] = args.quick
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, record)
     return record
 
 

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import write_result
 
 RESULTS = Path(__file__).parent / "results" / "prune_sparse.json"
 SHAPES = {
@@ -249,9 +250,7 @@ def main(argv=None) -> None:
         old = json.loads(args.out.read_text())
         if old.get("shape") == record["shape"]:
             record["results"] = {**old.get("results", {}), **results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, record)
 
 
 if __name__ == "__main__":

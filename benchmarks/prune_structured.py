@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import write_result
 
 RESULTS = Path(__file__).parent / "results" / "prune_structured.json"
 PRESETS = {
@@ -202,9 +203,7 @@ def main(argv=None) -> dict:
               f"forwards {r['forwards'][0]:.2f} vs {r['forwards'][1]:.2f}")
     record = {"benchmark": "prune_structured", "preset": args.preset, "config": preset, "ratio": args.ratio,
               "results": results, "speedups": ratios, "machine": machine()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, record)
     return record
 
 

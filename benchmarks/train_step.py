@@ -17,7 +17,6 @@ measured in the same run (XLA 2048³ matmul) — the machine's practical limit.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ import ml_collections
 import numpy as np
 import torch
 import transformers
-from common import machine, random_params, time_runs
+from common import machine, random_params, time_runs, write_result
 
 from maxprune.convert import hf
 from maxprune.model import llama
@@ -135,9 +134,7 @@ def main(argv=None) -> dict:
               "flops_per_token": flops_per_token, "measured_fp32_gemm_flops": peak,
               "results": results, "machine": machine()}
     out = RESULTS / f"train_step_{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(out, record)
     return record
 
 

@@ -61,3 +61,28 @@ split_eq() {
 has_value() {
   [[ $# -ge 2 && $2 != --* ]] || die "$1 needs a value"
 }
+
+# parse_flags HANDLER ARG...: the option loop of every launcher. Each --flag=value is split first;
+# then, per argument, HANDLER "$@" handles the script's own flags, setting TAKEN to the words it
+# used (1 or 2) and leaving it 0 for one it does not know. --dry-run and -h/--help are handled
+# here. With TAKES_COMMAND=1 the words after `--` are left in ARGS; any other argument is an error,
+# UNKNOWN_HINT added to its message.
+parse_flags() {
+  local handler=$1 argv
+  shift
+  mapfile -d '' -t argv < <(split_eq "$@"); set -- "${argv[@]}"
+  ARGS=()
+  while (($#)); do
+    TAKEN=0
+    "$handler" "$@"
+    if ((TAKEN)); then shift "$TAKEN"; continue; fi
+    case $1 in
+      --dry-run) DRY_RUN=1 ;;
+      -h | --help) usage; exit 0 ;;
+      *)
+        if [[ $1 == -- ]] && ((${TAKES_COMMAND:-0})); then shift; ARGS=("$@"); return; fi
+        die "unknown argument '$1'${UNKNOWN_HINT:-} (see --help)" ;;
+    esac
+    shift
+  done
+}

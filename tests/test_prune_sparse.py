@@ -7,13 +7,16 @@ IST-DASLab/sparsegpt ``SparseGPT.add_batch`` + ``fasterprune``), in torch's
 describes them. They do not call maxprune's pruning code.
 """
 
+import functools
 import json
 
+import hf_helpers as H
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from sparse_references import ref_hessian, ref_magnitude, ref_sparsegpt, ref_wanda
 
 from maxprune.cli import main
 from maxprune.errors import MaxpruneError
@@ -31,97 +34,9 @@ ARCH = preset("tiny").replace(vocab_size=300)
 FP32 = llama.ModelOptions(dtype="float32")
 
 
-def random_params(seed: int):
-    """Llama-style random params (normal 0.02, unit norm scales) without compiling an init."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        if path[-1].key == "scale":
-            return np.ones(leaf.shape, np.float32)
-        return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, llama.abstract_params(ARCH))
+# Llama-style random params (normal 0.02, unit norm scales) without compiling an init
+random_params = functools.partial(H.random_params, ARCH, std=0.02, scale_noise=0.0)
 LINEAR_BLOCK = dict(LINEARS)
-
-
-# =================================================================== references
-def ref_wanda(w_OI, x_NLI, ratio, nm=None):
-    """Keep-mask [out, in] of locuslab/wanda's prune_wanda for one linear."""
-    O, I = w_OI.shape
-    scaler, nsamples = np.zeros(I), 0
-    for x_LI in x_NLI:  # WrappedGPT.add_batch with a batch of one sequence
-        scaler *= nsamples / (nsamples + 1)
-        nsamples += 1
-        scaler += np.linalg.norm(x_LI, axis=0) ** 2 / nsamples
-    metric = np.abs(w_OI) * np.sqrt(scaler)[None, :]
-    pruned = np.zeros((O, I), bool)
-    rows = np.arange(O)[:, None]
-    if nm:
-        n, m = nm
-        for ii in range(0, I, m):
-            idx = np.argsort(metric[:, ii:ii + m], axis=1, kind="stable")[:, :n]
-            pruned[rows, ii + idx] = True
-    else:
-        idx = np.argsort(metric, axis=1, kind="stable")[:, :int(I * ratio)]
-        pruned[rows, idx] = True
-    return ~pruned
-
-
-def ref_magnitude(w_OI, ratio, nm=None):
-    metric = np.abs(w_OI)
-    if nm:
-        return ref_wanda(w_OI, np.ones((1, 1, w_OI.shape[1])), ratio, nm)  # |W| * 1
-    thresh = np.sort(metric.ravel())[int(w_OI.size * ratio)]
-    return ~(metric <= thresh)
-
-
-def ref_hessian(x_NLI):
-    I = x_NLI.shape[-1]
-    H, nsamples = np.zeros((I, I)), 0
-    for x_LI in x_NLI:
-        H *= nsamples / (nsamples + 1)
-        nsamples += 1
-        x = np.sqrt(2 / nsamples) * x_LI.T.astype(np.float64)
-        H += x @ x.T
-    return H
-
-
-def ref_sparsegpt(w_OI, x_NLI, ratio, nm=None, blocksize=128, percdamp=0.01):
-    """(updated weight [out, in], keep-mask [out, in]) of SparseGPT.fasterprune."""
-    W = np.array(w_OI, np.float64)
-    O, I = W.shape
-    H = ref_hessian(x_NLI)
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H[np.diag_indices(I)] += percdamp * np.mean(np.diag(H))
-    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper factor of H^-1
-    pruned = np.zeros((O, I), bool)
-    rows = np.arange(O)[:, None]
-    for i1 in range(0, I, blocksize):
-        i2 = min(i1 + blocksize, I)
-        W1, Hinv1 = W[:, i1:i2].copy(), Hinv[i1:i2, i1:i2]
-        Q1, Err1 = np.zeros_like(W1), np.zeros_like(W1)
-        if nm is None:
-            tmp = W1 ** 2 / np.diag(Hinv1)[None, :] ** 2
-            mask1 = tmp <= np.sort(tmp.ravel())[int(tmp.size * ratio)]
-        else:
-            mask1 = np.zeros_like(W1, bool)
-        for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]
-            if nm and i % nm[1] == 0:
-                tmp = W1[:, i:i + nm[1]] ** 2 / np.diag(Hinv1)[i:i + nm[1]][None, :] ** 2
-                mask1[rows, i + np.argsort(tmp, axis=1, kind="stable")[:, :nm[0]]] = True
-            q = w.copy()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= np.outer(err, Hinv1[i, i:])
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        pruned[:, i1:i2] = mask1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W, ~pruned
 
 
 # ============================================================ random matrices

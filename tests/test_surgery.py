@@ -1,5 +1,8 @@
 """Surgery: keeping everything is the identity; removing dead units is exact; permutations are free."""
 
+import functools
+
+import hf_helpers as H
 import jax
 import numpy as np
 import pytest
@@ -15,16 +18,8 @@ FP32 = llama.ModelOptions(dtype="float32")
 TOKENS = np.random.RandomState(0).randint(0, 300, (2, 24)).astype(np.int32)
 
 
-def random_params(arch, seed=0):
-    """Weights large enough that the logits depend clearly on every unit; norm scales 1 + noise."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        if path[-1].key == "scale":
-            return (1.0 + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
-        return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, llama.abstract_params(arch))
+# weights large enough that the logits depend clearly on every unit; norm scales 1 + noise
+random_params = functools.partial(H.random_params, std=0.1)
 
 
 _forward = jax.jit(llama.forward, static_argnames=("arch", "options"))

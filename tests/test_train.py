@@ -18,9 +18,11 @@ from maxprune.model.arch import preset
 from maxprune.schema import load_config
 from maxprune.train import optimizer as opt_lib
 from maxprune.train import trainer
-from maxprune.train.metrics import read_metrics
+from maxprune.train.metrics import CompileClock, read_metrics
 from maxprune.train.run_dir import read_status
+from maxprune.train.setup import setup
 from maxprune.train.step import distill_loss, init_state, make_train_step
+from maxprune.train.validation import validation_loss
 
 ARCH = preset("tiny").replace(vocab_size=300)
 FP32 = llama.ModelOptions(dtype="float32")
@@ -147,6 +149,15 @@ def test_loss_falls_and_run_writes_a_model_dir(tmp_path, tiny_corpus):
     # a finished run is not redone
     again = trainer.train(cfg, tmp_path / "run", progress=False)
     assert again.status == "complete" and len(read_metrics(tmp_path / "run", "train")) == 63
+
+
+def test_periodic_validation_compiles_its_program_once(tiny_corpus):
+    cfg = _cfg(tiny_corpus, f"--config.data.validation={tiny_corpus['validation']}")
+    s = setup(cfg)
+    first = validation_loss(cfg, s, s.params)
+    with CompileClock() as clock:
+        again = validation_loss(cfg, s, s.params)
+    assert again == first and clock.programs == 0
 
 
 def _cli_train(run_dir, corpus, *extra):
@@ -324,7 +335,8 @@ def test_bad_sweep_schedule_is_refused(tiny_corpus):
 # -------------------------------------------------------------- bad input
 def test_global_batch_not_divisible_by_data_parallel(tmp_path, tiny_corpus, devices8):
     cfg = _cfg(tiny_corpus, "--config.train.global_batch=12")  # fsdp fills the 8 devices
-    with pytest.raises(MaxpruneError, match="not divisible by the data-parallel size"):
+    with pytest.raises(MaxpruneError, match=r"global_batch=12 does not divide over the 8 data-parallel devices "
+                                            r"\(mesh data x fsdp\) of this mesh \(8 devices\)"):
         trainer.train(cfg, tmp_path / "run", progress=False)
 
 

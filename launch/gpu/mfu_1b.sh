@@ -24,18 +24,13 @@ USAGE
 }
 
 OUT=bench/mfu_1b ALL=0
-mapfile -d '' -t argv < <(split_eq "$@"); set -- "${argv[@]}"
-while (($#)); do
+flags() {
   case $1 in
-    --out) has_value "$@"; OUT=$2; shift ;;
-    --all) ALL=1 ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; break ;;
-    *) die "unknown argument '$1' (see --help)" ;;
+    --out) has_value "$@"; OUT=$2; TAKEN=2 ;;
+    --all) ALL=1; TAKEN=1 ;;
   esac
-  shift
-done
+}
+TAKES_COMMAND=1 parse_flags flags "$@"; set -- "${ARGS[@]}"
 variants=(--variants base)
 ((ALL)) && variants=()
 dry=()

@@ -26,18 +26,13 @@ USAGE
 }
 
 GPUS='' MEM_FRACTION=0.90
-mapfile -d '' -t argv < <(split_eq "$@"); set -- "${argv[@]}"
-while (($#)); do
+flags() {
   case $1 in
-    --gpus) has_value "$@"; GPUS=$2; shift ;;
-    --mem-fraction) has_value "$@"; MEM_FRACTION=$2; shift ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; break ;;
-    *) die "unknown argument '$1'; put the maxprune command after -- (see --help)" ;;
+    --gpus) has_value "$@"; GPUS=$2; TAKEN=2 ;;
+    --mem-fraction) has_value "$@"; MEM_FRACTION=$2; TAKEN=2 ;;
   esac
-  shift
-done
+}
+TAKES_COMMAND=1 UNKNOWN_HINT="; put the maxprune command after --" parse_flags flags "$@"; set -- "${ARGS[@]}"
 (($#)) || die "no maxprune command given; e.g. -- train RUN_DIR --config FILE.py"
 [[ -z $GPUS || $GPUS =~ ^[1-9][0-9]*$ ]] || die "--gpus '$GPUS' must be a positive integer"
 [[ $MEM_FRACTION =~ ^(0?\.[0-9]+|1(\.0*)?)$ ]] || die "--mem-fraction '$MEM_FRACTION' must be in (0, 1]"

@@ -25,21 +25,16 @@ USAGE
 }
 
 PROCESSES=2 DEVICES=2 PORT='' LOG_DIR='' TIMEOUT=60
-mapfile -d '' -t argv < <(split_eq "$@"); set -- "${argv[@]}"
-while (($#)); do
+flags() {
   case $1 in
-    --processes) has_value "$@"; PROCESSES=$2; shift ;;
-    --devices) has_value "$@"; DEVICES=$2; shift ;;
-    --port) has_value "$@"; PORT=$2; shift ;;
-    --log-dir) has_value "$@"; LOG_DIR=$2; shift ;;
-    --timeout) has_value "$@"; TIMEOUT=$2; shift ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; break ;;
-    *) die "unknown argument '$1'; put the command after -- (see --help)" ;;
+    --processes) has_value "$@"; PROCESSES=$2; TAKEN=2 ;;
+    --devices) has_value "$@"; DEVICES=$2; TAKEN=2 ;;
+    --port) has_value "$@"; PORT=$2; TAKEN=2 ;;
+    --log-dir) has_value "$@"; LOG_DIR=$2; TAKEN=2 ;;
+    --timeout) has_value "$@"; TIMEOUT=$2; TAKEN=2 ;;
   esac
-  shift
-done
+}
+TAKES_COMMAND=1 UNKNOWN_HINT="; put the command after --" parse_flags flags "$@"; set -- "${ARGS[@]}"
 (($#)) || die "no command given; e.g. -- maxprune train RUN_DIR --config FILE.py"
 for pair in "--processes:$PROCESSES" "--devices:$DEVICES" "--timeout:$TIMEOUT" "--port:${PORT:-1}"; do
   [[ ${pair#*:} =~ ^[1-9][0-9]*$ ]] || die "${pair%%:*} '${pair#*:}' must be a positive integer"

@@ -25,22 +25,18 @@ USAGE
 
 RUNTIME=${MAXPRUNE_TPU_RUNTIME:-}
 QUEUED=0 SPOT=0 RESERVED=0 WAIT=0
-mapfile -d '' -t argv < <(split_eq "$@"); set -- "${argv[@]}"
-while (($#)); do
-  if common_flag "$@"; then shift 2; continue; fi
+flags() {
+  if common_flag "$@"; then TAKEN=2; return; fi
   case $1 in
-    --type) has_value "$@"; ACCELERATOR=$2; shift ;;
-    --runtime) has_value "$@"; RUNTIME=$2; shift ;;
-    --queued) QUEUED=1 ;;
-    --spot) SPOT=1 ;;
-    --reserved) RESERVED=1 ;;
-    --wait) WAIT=1 ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    *) die "unknown argument '$1' (see --help)" ;;
+    --type) has_value "$@"; ACCELERATOR=$2; TAKEN=2 ;;
+    --runtime) has_value "$@"; RUNTIME=$2; TAKEN=2 ;;
+    --queued) QUEUED=1; TAKEN=1 ;;
+    --spot) SPOT=1; TAKEN=1 ;;
+    --reserved) RESERVED=1; TAKEN=1 ;;
+    --wait) WAIT=1; TAKEN=1 ;;
   esac
-  shift
-done
+}
+parse_flags flags "$@"
 need_common
 need "$ACCELERATOR" "--type (or MAXPRUNE_TPU_TYPE)"
 TYPE=$(gcloud_type "$ACCELERATOR")

@@ -16,17 +16,13 @@ USAGE
 }
 
 QUEUED=0
-mapfile -d '' -t argv < <(split_eq "$@"); set -- "${argv[@]}"
-while (($#)); do
-  if common_flag "$@"; then shift 2; continue; fi
+flags() {
+  if common_flag "$@"; then TAKEN=2; return; fi
   case $1 in
-    --queued) QUEUED=1 ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    *) die "unknown argument '$1' (see --help)" ;;
+    --queued) QUEUED=1; TAKEN=1 ;;
   esac
-  shift
-done
+}
+parse_flags flags "$@"
 need_common
 require_gcloud
 where=(--zone "$ZONE" --project "$PROJECT" --quiet)

@@ -21,21 +21,17 @@ USAGE
 }
 
 JOB='' WORKER=0 FETCH='' WORKERS=''
-mapfile -d '' -t argv < <(split_eq "$@"); set -- "${argv[@]}"
-while (($#)); do
-  if common_flag "$@"; then shift 2; continue; fi
+flags() {
+  if common_flag "$@"; then TAKEN=2; return; fi
   case $1 in
-    --job) has_value "$@"; JOB=$2; shift ;;
-    --worker) has_value "$@"; WORKER=$2; shift ;;
-    --fetch) has_value "$@"; FETCH=$2; shift ;;
-    --type) has_value "$@"; ACCELERATOR=$2; shift ;;
-    --workers) has_value "$@"; WORKERS=$2; shift ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    *) die "unknown argument '$1' (see --help)" ;;
+    --job) has_value "$@"; JOB=$2; TAKEN=2 ;;
+    --worker) has_value "$@"; WORKER=$2; TAKEN=2 ;;
+    --fetch) has_value "$@"; FETCH=$2; TAKEN=2 ;;
+    --type) has_value "$@"; ACCELERATOR=$2; TAKEN=2 ;;
+    --workers) has_value "$@"; WORKERS=$2; TAKEN=2 ;;
   esac
-  shift
-done
+}
+parse_flags flags "$@"
 need_common
 need "$JOB" "--job"
 [[ $WORKER =~ ^[0-9]+$ ]] || die "--worker '$WORKER' must be a worker number"

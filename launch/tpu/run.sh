@@ -29,22 +29,17 @@ USAGE
 
 JOB='' DETACH=0 KILL=0 GCS_MOUNT=/gcs
 ENVS=()
-mapfile -d '' -t argv < <(split_eq "$@"); set -- "${argv[@]}"
-while (($#)); do
-  if common_flag "$@"; then shift 2; continue; fi
+flags() {
+  if common_flag "$@"; then TAKEN=2; return; fi
   case $1 in
-    --job) has_value "$@"; JOB=$2; shift ;;
-    --env) has_value "$@"; ENVS+=("$2"); shift ;;
-    --detach) DETACH=1 ;;
-    --gcs-mount) [[ $# -ge 2 ]] || die "--gcs-mount needs a value"; GCS_MOUNT=$2; shift ;;
-    --kill-stale) KILL=1 ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; break ;;
-    *) die "unknown argument '$1'; put the maxprune command after -- (see --help)" ;;
+    --job) has_value "$@"; JOB=$2; TAKEN=2 ;;
+    --env) has_value "$@"; ENVS+=("$2"); TAKEN=2 ;;
+    --detach) DETACH=1; TAKEN=1 ;;
+    --gcs-mount) [[ $# -ge 2 ]] || die "--gcs-mount needs a value"; GCS_MOUNT=$2; TAKEN=2 ;;
+    --kill-stale) KILL=1; TAKEN=1 ;;
   esac
-  shift
-done
+}
+TAKES_COMMAND=1 UNKNOWN_HINT="; put the maxprune command after --" parse_flags flags "$@"; set -- "${ARGS[@]}"
 need_common
 need "$JOB" "--job"
 [[ $JOB =~ ^[A-Za-z0-9_.-]+$ ]] || die "--job '$JOB' may hold only letters, digits, '_', '.' and '-'"

@@ -29,24 +29,20 @@ USAGE
 
 WHEEL='' GIT='' REF='' EXTRAS='' JAX_VERSION=0.10.2 PYTHON=python3.11 CONFIGS=$REPO/configs
 BUCKETS=()
-mapfile -d '' -t argv < <(split_eq "$@"); set -- "${argv[@]}"
-while (($#)); do
-  if common_flag "$@"; then shift 2; continue; fi
+flags() {
+  if common_flag "$@"; then TAKEN=2; return; fi
   case $1 in
-    --wheel) has_value "$@"; WHEEL=$2; shift ;;
-    --configs) has_value "$@"; CONFIGS=$2; shift ;;
-    --git) has_value "$@"; GIT=$2; shift ;;
-    --ref) has_value "$@"; REF=$2; shift ;;
-    --extras) has_value "$@"; EXTRAS=$2; shift ;;
-    --jax-version) has_value "$@"; JAX_VERSION=$2; shift ;;
-    --python) has_value "$@"; PYTHON=$2; shift ;;
-    --bucket) has_value "$@"; BUCKETS+=("${2#gs://}"); shift ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    *) die "unknown argument '$1' (see --help)" ;;
+    --wheel) has_value "$@"; WHEEL=$2; TAKEN=2 ;;
+    --configs) has_value "$@"; CONFIGS=$2; TAKEN=2 ;;
+    --git) has_value "$@"; GIT=$2; TAKEN=2 ;;
+    --ref) has_value "$@"; REF=$2; TAKEN=2 ;;
+    --extras) has_value "$@"; EXTRAS=$2; TAKEN=2 ;;
+    --jax-version) has_value "$@"; JAX_VERSION=$2; TAKEN=2 ;;
+    --python) has_value "$@"; PYTHON=$2; TAKEN=2 ;;
+    --bucket) has_value "$@"; BUCKETS+=("${2#gs://}"); TAKEN=2 ;;
   esac
-  shift
-done
+}
+parse_flags flags "$@"
 need_common
 [[ -n $WHEEL || -n $GIT ]] || die "--wheel FILE or --git URL is required"
 [[ -n $WHEEL && -n $GIT ]] && die "give --wheel or --git, not both"

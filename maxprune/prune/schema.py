@@ -12,6 +12,7 @@ from ml_collections.config_dict import placeholder
 
 from maxprune.config import at_least, choice
 from maxprune.errors import MaxpruneError
+from maxprune.train.schema import check_optimizer, optimizer_keys
 
 NM_PATTERN = re.compile(r"(\d+):(\d+)")
 CALIBRATION_SAMPLING = ("random", "stream")
@@ -62,10 +63,8 @@ def _sheared() -> dict[str, Any]:
             "lr": 1e-4,                         # model weights
             "mask_lr": 1.0,                     # log-alpha of the gates
             "lambda_lr": -1.0,                  # Lagrange multipliers; negative = gradient ascent (original's sign)
-            "warmup_ratio": 0.1,                # LR warmup (320 of 3200 steps), then cosine to min_lr_ratio
-            "min_lr_ratio": 0.1,
+            **optimizer_keys(warmup_ratio=0.1),  # LR warmup (320 of 3200 steps), then cosine to min_lr_ratio
             "lagrangian_warmup": placeholder(int),  # steps for the target sparsity to ramp from 0; default 10 %
-            "b1": 0.9, "b2": 0.95, "eps": 1e-8, "grad_clip": 1.0,
             "hidden_size": placeholder(int),    # target shape; unset: shapes.target_arch at prune.ratio
             "num_heads": placeholder(int),      # query heads kept, whole KV groups
             "ffn_size": placeholder(int),       # default: fills prune.ratio
@@ -199,11 +198,7 @@ def _check_sheared(c) -> None:
     if not c.lambda_lr < 0:
         raise MaxpruneError(f"prune.sheared_llama.lambda_lr={c.lambda_lr} must be < 0: the multipliers follow "
                             f"gradient ascent (the original's convention, -1.0)")
-    if not (0 <= c.warmup_ratio < 1 and 0 <= c.min_lr_ratio <= 1):
-        raise MaxpruneError(f"prune.sheared_llama.warmup_ratio={c.warmup_ratio} must be in [0, 1) and "
-                            f"min_lr_ratio={c.min_lr_ratio} in [0, 1]")
-    if not (0 <= c.b1 < 1 and 0 <= c.b2 < 1 and c.eps > 0 and c.grad_clip > 0):
-        raise MaxpruneError("prune.sheared_llama.b1/b2 must be in [0, 1), eps and grad_clip > 0")
+    check_optimizer("prune.sheared_llama", c)
     choice("prune.sheared_llama.ratio_of", c.ratio_of, RATIO_OF)
     from maxprune.data.budgets import parse_tokens
     from maxprune.model.llama import REMAT_POLICIES

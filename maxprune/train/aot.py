@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from maxprune.errors import MaxpruneError
+from maxprune.train import build
 
 GiB = 1024 ** 3
 HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}  # per chip
@@ -206,7 +207,7 @@ def aot_compile(cfg, topology: str | Topology, *, seq_len: int | None = None,
     from maxprune import sharding
 
     data, fsdp, tensor = sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, topo.chips)
-    per_device = check_batch(cfg.train.global_batch, cfg.train.microbatches, data * fsdp, topo.name)
+    per_device = build.check_batch(cfg.train.global_batch, cfg.train.microbatches, data * fsdp, topo.name)
     devices = tpu_devices(topo)
 
     import jax
@@ -215,7 +216,6 @@ def aot_compile(cfg, topology: str | Topology, *, seq_len: int | None = None,
     from maxprune.model import llama
     from maxprune.model import masks as masks_lib
     from maxprune.model.layers import attention_impl
-    from maxprune.train import build
     from maxprune.train.step import Teacher, init_state
 
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
@@ -280,18 +280,6 @@ def aot_compile(cfg, topology: str | Topology, *, seq_len: int | None = None,
     report.fits = report.total_bytes <= topo.hbm_bytes
     report.xla_flops_per_device = _flops(compiled)
     return report
-
-
-def check_batch(global_batch: int, microbatches: int, data_parallel: int, where: str) -> int:
-    """The per-device batch; MaxpruneError when the batch does not split evenly."""
-    if global_batch % data_parallel:
-        raise MaxpruneError(f"train.global_batch={global_batch} does not divide over the {data_parallel} "
-                            f"data-parallel devices (mesh data x fsdp) of {where}: the per-device batch "
-                            f"would be {global_batch / data_parallel:g}; use a multiple of {data_parallel}")
-    if global_batch % microbatches:
-        raise MaxpruneError(f"train.global_batch={global_batch} is not divisible by "
-                            f"train.microbatches={microbatches}")
-    return global_batch // data_parallel
 
 
 def tpu_devices(topo: Topology) -> list:

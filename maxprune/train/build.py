@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from maxprune import sharding
+from maxprune.errors import MaxpruneError
 from maxprune.model import llama
 from maxprune.train import optimizer as opt_lib
 from maxprune.train.step import Teacher, make_train_step
@@ -32,6 +33,19 @@ class Step:
     batch_sharding: NamedSharding
     masks_sharding: Any
     teacher_sharding: Any
+
+
+def check_batch(global_batch: int, microbatches: int, data_parallel: int, where: str) -> int:
+    """The per-device batch; MaxpruneError when the batch does not split evenly over the devices of
+    `where` (a mesh, a TPU slice) or into the microbatches."""
+    if global_batch % data_parallel:
+        raise MaxpruneError(f"train.global_batch={global_batch} does not divide over the {data_parallel} "
+                            f"data-parallel devices (mesh data x fsdp) of {where}: the per-device batch "
+                            f"would be {global_batch / data_parallel:g}; use a multiple of {data_parallel}")
+    if global_batch % microbatches:
+        raise MaxpruneError(f"train.global_batch={global_batch} is not divisible by "
+                            f"train.microbatches={microbatches}")
+    return global_batch // data_parallel
 
 
 def optimizer_and_schedule(train_cfg, steps: int, lr: float | None = None

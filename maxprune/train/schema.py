@@ -13,6 +13,20 @@ from maxprune.data.budgets import parse_tokens
 from maxprune.errors import MaxpruneError
 
 
+def optimizer_keys(warmup_ratio: float) -> dict[str, float]:
+    """The schedule and AdamW keys `train` and `prune.sheared_llama` share (the paper's Table 4 values)."""
+    return {"warmup_ratio": warmup_ratio, "min_lr_ratio": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "grad_clip": 1.0}
+
+
+def check_optimizer(prefix: str, c) -> None:
+    """The `optimizer_keys` of section `prefix`: warmup and cosine floor fractions, Adam's betas and eps."""
+    if not 0 <= c.warmup_ratio < 1 or not 0 <= c.min_lr_ratio <= 1:
+        raise MaxpruneError(f"{prefix}.warmup_ratio={c.warmup_ratio} must be in [0, 1) and "
+                            f"{prefix}.min_lr_ratio={c.min_lr_ratio} in [0, 1]")
+    if not (0 <= c.b1 < 1 and 0 <= c.b2 < 1 and c.eps > 0 and c.grad_clip > 0):
+        raise MaxpruneError(f"{prefix}.b1/b2 must be in [0, 1), {prefix}.eps and {prefix}.grad_clip > 0")
+
+
 def section() -> dict[str, Any]:
     return {
         "init": placeholder(str),         # model dir to start from; unset = random init of `model`
@@ -25,13 +39,8 @@ def section() -> dict[str, Any]:
         "lr_sweep": placeholder(tuple),   # e.g. (1e-5, 3e-5, 1e-4, 3e-4, 1e-3): prefix runs, lowest loss wins
         "sweep_fraction": 0.1,            # prefix length of each sweep run, as a fraction of the steps
         "sweep_schedule": "compressed",   # a sweep run's LR schedule: "compressed" (its own) or "prefix" (cut)
-        "warmup_ratio": 0.05,
-        "min_lr_ratio": 0.1,
-        "b1": 0.9,
-        "b2": 0.95,
-        "eps": 1e-8,
+        **optimizer_keys(warmup_ratio=0.05),
         "weight_decay": 0.01,
-        "grad_clip": 1.0,
         # Checkpoints, logging, validation
         "checkpoint_every": 100,
         "keep_checkpoints": 2,
@@ -68,12 +77,8 @@ def check(cfg: ConfigDict) -> None:
     if not 0 < t.sweep_fraction <= 1:
         raise MaxpruneError(f"train.sweep_fraction={t.sweep_fraction} must be in (0, 1]")
     choice("train.sweep_schedule", t.sweep_schedule, ("compressed", "prefix"))
-    if not 0 <= t.warmup_ratio < 1 or not 0 <= t.min_lr_ratio <= 1:
-        raise MaxpruneError(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1) and "
-                            f"train.min_lr_ratio={t.min_lr_ratio} in [0, 1]")
-    if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1 and t.eps > 0 and t.weight_decay >= 0 and t.grad_clip > 0):
-        raise MaxpruneError("train.b1/b2 must be in [0, 1), train.eps and train.grad_clip > 0, "
-                            "train.weight_decay >= 0")
+    check_optimizer("train", t)
+    at_least("train.weight_decay", t.weight_decay, 0)
     if not 0 <= t.kd_weight <= 1 or not t.kd_temperature > 0:
         raise MaxpruneError(f"train.kd_weight={t.kd_weight} must be in [0, 1] and "
                             f"train.kd_temperature={t.kd_temperature} > 0")

@@ -24,6 +24,7 @@ from maxprune.model import masks as masks_lib
 from maxprune.model.arch import Arch
 from maxprune.model.model_dir import MASKS_DIR, load_model_dir, read_arch, read_provenance
 from maxprune.model.schema import arch_from_config
+from maxprune.train.build import check_batch
 from maxprune.train.step import Teacher
 
 
@@ -167,9 +168,4 @@ def _plan_steps(cfg, ds) -> tuple[int, int, list]:
 
 def _check_batch(cfg, mesh) -> None:
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.train.global_batch % dp:
-        raise MaxpruneError(f"train.global_batch={cfg.train.global_batch} is not divisible by the "
-                            f"data-parallel size data x fsdp = {dp}")
-    if cfg.train.global_batch % cfg.train.microbatches:
-        raise MaxpruneError(f"train.global_batch={cfg.train.global_batch} is not divisible by "
-                            f"train.microbatches={cfg.train.microbatches}")
+    check_batch(cfg.train.global_batch, cfg.train.microbatches, dp, f"this mesh ({mesh.size} devices)")

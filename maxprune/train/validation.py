@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -16,8 +17,10 @@ from maxprune.train import metrics as metrics_lib
 from maxprune.train.setup import Setup
 
 
+@functools.lru_cache(maxsize=8)
 def make_eval_fn(arch: Arch, options: llama.ModelOptions):
-    """jitted (params, masks, tokens_BL) -> sum of next-token NLL over the batch."""
+    """jitted (params, masks, tokens_BL) -> sum of next-token NLL over the batch; one per (arch, options),
+    so the validation every `train.eval_every` steps compiles once."""
     def eval_fn(params, masks, tokens_BL):
         logits = llama.forward(params, tokens_BL, arch, masks, options)
         return llama.next_token_loss(logits, tokens_BL) * (tokens_BL.shape[0] * (tokens_BL.shape[1] - 1))

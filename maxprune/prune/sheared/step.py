@@ -48,20 +48,21 @@ class ShearState:
 
 @dataclasses.dataclass(frozen=True)
 class Hyper:
-    """How to optimise (``prune.sheared_llama`` + the compute dtype); hashable, so compiled steps are reused."""
+    """How to optimise (``prune.sheared_llama``, whose schema holds the defaults, + the compute dtype);
+    hashable, so compiled steps are reused."""
 
-    lr: float = 1e-4
-    mask_lr: float = 1.0
-    lambda_lr: float = -1.0
-    warmup_ratio: float = 0.1
-    min_lr_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    microbatches: int = 1
-    dtype: str = "float32"
-    remat: str = "none"
+    lr: float
+    mask_lr: float
+    lambda_lr: float
+    warmup_ratio: float
+    min_lr_ratio: float
+    b1: float
+    b2: float
+    eps: float
+    grad_clip: float
+    microbatches: int
+    dtype: str
+    remat: str
 
     @classmethod
     def from_config(cls, c, dtype: str) -> "Hyper":

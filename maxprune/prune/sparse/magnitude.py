@@ -17,8 +17,6 @@ import jax.numpy as jnp
 
 from maxprune.prune.api import register
 from maxprune.prune.engine.layer import get_linear, take
-from maxprune.prune.engine.loop import prune_layerwise
-from maxprune.prune.engine.options import options_for
 from maxprune.prune.sparse import nm as nm_lib
 from maxprune.prune.sparse import report
 
@@ -55,5 +53,4 @@ def check(arch, cfg) -> None:
 @register("magnitude")
 def prune(params, arch, calibration_NL, cfg):
     pruner = MagnitudePruner(cfg.ratio, nm_lib.check_fits(arch, cfg.pattern))
-    result = prune_layerwise(params, arch, calibration_NL, pruner, options_for(cfg))
-    return report.finish(result, "magnitude", cfg.pattern, cfg.ratio)
+    return report.prune_and_summarize("magnitude", pruner, params, arch, calibration_NL, cfg)

@@ -22,8 +22,16 @@ from jax import lax
 from maxprune.errors import MaxpruneError
 from maxprune.model import masks as masks_lib
 from maxprune.prune.api import PruneResult
+from maxprune.prune.engine.loop import prune_layerwise
+from maxprune.prune.engine.options import options_for
 from maxprune.prune.schema import parse_pattern
 from maxprune.prune.sparse import nm as nm_lib
+
+
+def prune_and_summarize(method: str, pruner, params, arch, calibration_NL, cfg) -> PruneResult:
+    """A sparse method's whole run: the layer loop with `pruner`, then `finish`."""
+    result = prune_layerwise(params, arch, calibration_NL, pruner, options_for(cfg))
+    return finish(result, method, cfg.pattern, cfg.ratio)
 
 
 def finish(result: PruneResult, method: str, pattern: str, ratio: float) -> PruneResult:

@@ -42,8 +42,6 @@ from maxprune.config import at_least
 from maxprune.errors import MaxpruneError
 from maxprune.prune.api import register
 from maxprune.prune.engine.layer import SITE_OF, get_linear, take
-from maxprune.prune.engine.loop import prune_layerwise
-from maxprune.prune.engine.options import options_for
 from maxprune.prune.sparse import nm as nm_lib
 from maxprune.prune.sparse import report
 from maxprune.prune.sparse.wanda import LINEAR_SITES
@@ -314,5 +312,4 @@ def prune(params, arch, calibration_NL, cfg):
     check(arch, cfg)
     s = cfg.sparsegpt
     pruner = SparseGPTPruner(cfg.ratio, nm_lib.check_fits(arch, cfg.pattern), s.blocksize, s.percdamp)
-    result = prune_layerwise(params, arch, calibration_NL, pruner, options_for(cfg))
-    return report.finish(result, "sparsegpt", cfg.pattern, cfg.ratio)
+    return report.prune_and_summarize("sparsegpt", pruner, params, arch, calibration_NL, cfg)

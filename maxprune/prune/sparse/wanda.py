@@ -19,8 +19,6 @@ import jax.numpy as jnp
 
 from maxprune.prune.api import register
 from maxprune.prune.engine.layer import SITE_OF, get_linear, take
-from maxprune.prune.engine.loop import prune_layerwise
-from maxprune.prune.engine.options import options_for
 from maxprune.prune.sparse import nm as nm_lib
 from maxprune.prune.sparse import report
 
@@ -105,5 +103,4 @@ def check(arch, cfg) -> None:
 @register("wanda")
 def prune(params, arch, calibration_NL, cfg):
     pruner = WandaPruner(cfg.ratio, nm_lib.check_fits(arch, cfg.pattern))
-    result = prune_layerwise(params, arch, calibration_NL, pruner, options_for(cfg))
-    return report.finish(result, "wanda", cfg.pattern, cfg.ratio)
+    return report.prune_and_summarize("wanda", pruner, params, arch, calibration_NL, cfg)

@@ -192,13 +192,9 @@ def prune(params, arch: Arch, calibration_NL, cfg) -> PruneResult:
     stats = flap_stats(params, arch, calibration_NL, options)
     group_LK, ffn_LF = flap_scores(params, arch, stats, f.metric)
     build = lambda s: _flap_result(params, arch, stats, flap_keep(group_LK, ffn_LF, s))
-    report: dict = {"method": "flap", "structure": f.structure, "metric": f.metric}
-    if shape is None:
-        candidates = shapes.kv_group_candidates(arch, cfg.ratio, f.ratio_of, f.multiple)
-        result, report["search"] = search.search(candidates, build, calibration_NL, options)
-    else:
-        result = build(shape)
-    result.report.update(report)
+    candidates = lambda: shapes.kv_group_candidates(arch, cfg.ratio, f.ratio_of, f.multiple)
+    result = search.build_or_search(build, shape, candidates, calibration_NL, options,
+                                    {"method": "flap", "structure": f.structure, "metric": f.metric})
     result.report["summary"] = shapes.summary(arch, result.arch, time.perf_counter() - start_time)
     return result
 

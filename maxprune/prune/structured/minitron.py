@@ -307,19 +307,12 @@ def prune_width(params, arch: Arch, calibration_NL, cfg) -> PruneResult:
     start_time = time.perf_counter()
     if calibration_NL is None:
         raise MaxpruneError("minitron_width needs calibration tokens: set prune.calibration")
-    options = options_for(cfg)
-    if not cfg.search.enabled:
-        shape = width_shape(arch, cfg)  # before the long pass: a bad shape fails fast
-    scores = width_scores(params, arch, calibration_NL, options, cfg.minitron_width.aggregation)
+    options, c = options_for(cfg), cfg.minitron_width
+    shape = None if cfg.search.enabled else width_shape(arch, cfg)  # before the long pass: fail fast
+    scores = width_scores(params, arch, calibration_NL, options, c.aggregation)
     build = lambda s: _width_result(params, arch, scores, s)
-    report: dict = {"method": "minitron_width"}
-    if cfg.search.enabled:
-        c = cfg.minitron_width
-        candidates = shapes.minitron_width_candidates(arch, cfg.ratio, c.ratio_of, c.multiple, c.num_heads)
-        result, report["search"] = search.search(candidates, build, calibration_NL, options)
-    else:
-        result = build(shape)
-    result.report.update(report)
+    candidates = lambda: shapes.minitron_width_candidates(arch, cfg.ratio, c.ratio_of, c.multiple, c.num_heads)
+    result = search.build_or_search(build, shape, candidates, calibration_NL, options, {"method": "minitron_width"})
     result.report["summary"] = {**shapes.summary(arch, result.arch, time.perf_counter() - start_time),
                                 "aggregation": cfg.minitron_width.aggregation}
     return result

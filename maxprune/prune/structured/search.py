@@ -46,6 +46,18 @@ def search(candidates: list[Arch], build: Callable[[Arch], PruneResult], calibra
     return best, {**report, "table": format_table(report)}
 
 
+def build_or_search(build: Callable[[Arch], PruneResult], shape: Arch | None, candidates: Callable[[], list[Arch]],
+                    calibration_NL, options: EngineOptions, report: dict) -> PruneResult:
+    """`build(shape)`, or with no shape (``prune.search.enabled``) the best of `candidates()` by calibration
+    loss, its table in ``report["search"]``; `report` is merged into the result's."""
+    if shape is None:
+        result, report["search"] = search(candidates(), build, calibration_NL, options)
+    else:
+        result = build(shape)
+    result.report.update(report)
+    return result
+
+
 def calibration_loss(params, arch: Arch, calibration_NL, options: EngineOptions) -> float:
     """Mean next-token loss over the calibration sequences (chunks of ``options.batch_size``)."""
     tokens = check_calibration(calibration_NL, arch)
