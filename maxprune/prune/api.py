@@ -22,8 +22,11 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
+import ml_collections
+
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import Arch
+from maxprune.prune import paper
 
 # method name -> module that registers it (imported on first use)
 METHOD_MODULES = {
@@ -85,9 +88,7 @@ def resolve(cfg, parent: Arch):
     ``prune.paper_shapes`` gets the paper's shape; any other parent keeps the
     shape keys it was given, or none (the shape then comes from the ratio).
     """
-    import ml_collections
 
-    from maxprune.prune import paper
     pinned, source = paper.pin_shapes(cfg, parent)
     if not pinned:
         return cfg, source

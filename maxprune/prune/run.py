@@ -28,6 +28,14 @@ import jax
 import numpy as np
 
 from maxprune import sharding
+from maxprune.data.calibration import (
+    calibration_from_prepared,
+    calibration_stream,
+    calibration_windows,
+    load_calibration_npy,
+)
+from maxprune.data.prepared import open_prepared
+from maxprune.data.tokenizer import LLAMA3_SHA256, Tokenizer
 from maxprune.errors import MaxpruneError
 from maxprune.fs.staged import check_output_dir
 from maxprune.model import masks as masks_lib
@@ -132,7 +140,6 @@ def load_calibration(p, md: ModelDir) -> Calibration:
 
 
 def _from_npy(p, md: ModelDir, path: Path) -> np.ndarray:
-    from maxprune.data.calibration import load_calibration_npy
     tokens = load_calibration_npy(path, md.arch.vocab_size, p.seq_len)
     return _first(tokens, p.n_samples, f"calibration file {path}")
 
@@ -146,8 +153,6 @@ def _first(tokens: np.ndarray, n_samples: int, what: str) -> np.ndarray:
 
 
 def _from_prepared(p, md: ModelDir, path: Path) -> tuple[np.ndarray, dict]:
-    from maxprune.data.calibration import calibration_from_prepared
-    from maxprune.data.prepared import open_prepared
     ds = open_prepared(path)
     tok = ds.manifest.tokenizer
     if "tokenizer_hash" in md.provenance:
@@ -166,7 +171,6 @@ def _from_prepared(p, md: ModelDir, path: Path) -> tuple[np.ndarray, dict]:
 
 
 def _from_source(p, md: ModelDir, spec: str) -> tuple[np.ndarray, dict]:
-    from maxprune.data.calibration import calibration_stream, calibration_windows
     tokenizer = model_tokenizer(md)
     if "tokenizer_hash" in md.provenance and md.provenance["tokenizer_hash"] != tokenizer.hash:
         raise MaxpruneError(f"model dir {md.path} ships tokenizer {tokenizer.hash[:8]} but its provenance "
@@ -182,7 +186,6 @@ def _from_source(p, md: ModelDir, spec: str) -> tuple[np.ndarray, dict]:
 
 def model_tokenizer(md: ModelDir):
     """The model's tokenizer: its ``tokenizer/`` dir, or Llama-3's if its provenance names that hash."""
-    from maxprune.data.tokenizer import LLAMA3_SHA256, Tokenizer
     if md.tokenizer_dir is not None:
         return Tokenizer.load(md.tokenizer_dir)
     if md.provenance.get("tokenizer_hash") == LLAMA3_SHA256:

@@ -11,7 +11,10 @@ from typing import Any
 from ml_collections.config_dict import placeholder
 
 from maxprune.config import at_least, choice
+from maxprune.data.budgets import parse_tokens
 from maxprune.errors import MaxpruneError
+from maxprune.model.llama import REMAT_POLICIES
+from maxprune.prune.api import SPARSE_METHODS, pruner_names
 from maxprune.train.schema import check_optimizer, optimizer_keys
 
 NM_PATTERN = re.compile(r"(\d+):(\d+)")
@@ -156,13 +159,11 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 
 def check(cfg) -> None:
     p = cfg.prune
-    from maxprune.prune.api import pruner_names
     choice("prune.method", p.method, pruner_names())
     if not 0.0 < p.ratio < 1.0:
         raise MaxpruneError(f"prune.ratio={p.ratio} must be in (0, 1)")
     nm = parse_pattern(p.pattern)
     if nm is not None:
-        from maxprune.prune.api import SPARSE_METHODS
         if p.method not in SPARSE_METHODS:
             raise MaxpruneError(f"prune.pattern={p.pattern!r} is for sparse methods ({', '.join(SPARSE_METHODS)}), "
                                 f"not {p.method}")
@@ -200,7 +201,5 @@ def _check_sheared(c) -> None:
                             f"gradient ascent (the original's convention, -1.0)")
     check_optimizer("prune.sheared_llama", c)
     choice("prune.sheared_llama.ratio_of", c.ratio_of, RATIO_OF)
-    from maxprune.data.budgets import parse_tokens
-    from maxprune.model.llama import REMAT_POLICIES
     parse_tokens(c.tokens)
     choice("prune.sheared_llama.remat", c.remat, REMAT_POLICIES)

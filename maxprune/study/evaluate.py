@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Callable
 
 from maxprune.errors import MaxpruneError
+from maxprune.eval import summary
 
 
 def evaluator(cfg, progress: bool = True) -> Callable[[Path, Path], dict]:
     """`fn(model_dir, out_json) -> row`: evaluates once (an existing out_json is reused)."""
-    from maxprune.eval import summary
 
     def evaluate(model_dir: Path, out: Path) -> dict:
         if out.exists():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from maxprune.data.budgets import parse_tokens
+from maxprune.data.budgets import parse_budgets, parse_tokens
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import Arch
 from maxprune.prune import api, paper
@@ -100,7 +100,6 @@ def study_budgets(m: int, retrain: tuple[int, ...], whole, start: int | None = N
 
 def check_budgets(plan: "Plan", num_tokens: int) -> None:
     """Every range fits the dataset, and retraining data never overlaps pretraining data."""
-    from maxprune.data.budgets import parse_budgets
     budgets = parse_budgets(plan.budgets, num_tokens, plan.seq_len)
     for n in plan.retrain_tokens if plan.pretrain_tokens else ():
         budgets.check_disjoint(["pretrain", range_name("retrain", n)])

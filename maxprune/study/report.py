@@ -40,7 +40,7 @@ from pathlib import Path
 from maxprune.errors import MaxpruneError
 from maxprune.fs.staged import commit_dir, staging_dir
 from maxprune.study.plan import Plan, Run, fmt_tokens
-from maxprune.study.runner import read_status
+from maxprune.study.runner import make_plan, read_status
 from maxprune.study.variants import Variant
 
 TILDE_NOTE = ("Δ marked `~`: |Δ| is within the largest of either side's evaluation std-dev (lm-eval stderr) "
@@ -512,7 +512,6 @@ def build_tables(plan: Plan, status: dict) -> tuple[list[Table], dict]:
 
 
 def write_report(cfg, root: str | Path, plan: Plan | None = None) -> list[Path]:
-    from maxprune.study.runner import make_plan
     root = Path(root)
     plan = plan or make_plan(cfg)
     tables, rows = build_tables(plan, read_status(root))

@@ -21,12 +21,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from maxprune.convert.hf import from_hf
+from maxprune.data.prepared import open_prepared
 from maxprune.errors import MaxpruneError
 from maxprune.fs import atomic, locks
 from maxprune.model.model_dir import read_arch
 from maxprune.model.schema import arch_from_config
+from maxprune.prune.run import prune_model_dir
 from maxprune.study import resolve
-from maxprune.study.plan import Plan, Run, plan_study
+from maxprune.study.plan import Plan, Run, check_budgets, plan_study
+from maxprune.train import trainer
 
 STATUS_FILE = "study.json"
 EVAL_FILE = "eval.json"
@@ -123,7 +127,6 @@ class StudyRunner:
         raise MaxpruneError(f"run {run.name} ({run.kind}) has no config of its own")
 
     def _train(self, run: Run) -> dict:
-        from maxprune.train import trainer
         result = trainer.train(self.run_config(run), self.root / run.name, progress=self.progress)
         return {"tokens_seen": result.tokens_seen, "lr": result.lr}
 
@@ -132,13 +135,11 @@ class StudyRunner:
     def _run_import(self, run: Run) -> dict:
         path = Path(run.extra["path"])
         if (path / "config.json").exists() and not (self.root / run.name / "model").exists():
-            from maxprune.convert.hf import from_hf
             from_hf(path, self.root / run.name / "model")
         read_arch(self.model_dir(run.name))  # a clear error if it is not a model dir
         return {}
 
     def _run_prune(self, run: Run) -> dict:
-        from maxprune.prune.run import prune_model_dir
         prune_model_dir(self.run_config(run), overwrite=True, progress=self.progress)
         return {"calibration_tokens": run.extra["calibration_tokens"],
                 "mask_learning_tokens": run.extra["mask_learning_tokens"]}
@@ -153,8 +154,6 @@ class StudyRunner:
 
 def make_plan(cfg) -> Plan:
     """The plan for `cfg`: parent Arch from `model`, sequence length from `data.train` (whose size it checks)."""
-    from maxprune.data.prepared import open_prepared
-    from maxprune.study.plan import check_budgets
     data = open_prepared(cfg.data.train) if cfg.data.train else None
     seq_len = data.seq_len if data else (cfg.prune.seq_len or 8192)
     plan = plan_study(cfg, arch_from_config(cfg), seq_len)

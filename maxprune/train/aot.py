@@ -26,8 +26,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+from maxprune import sharding
+from maxprune.data.prepared import open_prepared
 from maxprune.errors import MaxpruneError
+from maxprune.model import llama
+from maxprune.model import masks as masks_lib
+from maxprune.model.layers import attention_impl
+from maxprune.model.model_dir import read_arch
+from maxprune.model.schema import arch_from_config
 from maxprune.train import build
+from maxprune.train.step import Teacher, init_state
 
 GiB = 1024 ** 3
 HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}  # per chip
@@ -185,7 +196,6 @@ def _bytes(n: int) -> str:
 def default_seq_len(cfg) -> int:
     """The prepared dataset's sequence length when `data.train` is readable, else 2048 (Table 9's)."""
     if cfg.data.train and (Path(cfg.data.train) / "manifest.json").is_file():
-        from maxprune.data.prepared import open_prepared
         return open_prepared(cfg.data.train).seq_len
     return 2048
 
@@ -204,19 +214,12 @@ def aot_compile(cfg, topology: str | Topology, *, seq_len: int | None = None,
     if not 2 <= seq_len <= arch.max_position_embeddings:
         raise MaxpruneError(f"--seq-len={seq_len} must be in [2, {arch.max_position_embeddings}] "
                             f"(the model's max_position_embeddings)")
-    from maxprune import sharding
 
     data, fsdp, tensor = sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, topo.chips)
     per_device = build.check_batch(cfg.train.global_batch, cfg.train.microbatches, data * fsdp, topo.name)
     devices = tpu_devices(topo)
 
-    import jax
-    import jax.numpy as jnp
 
-    from maxprune.model import llama
-    from maxprune.model import masks as masks_lib
-    from maxprune.model.layers import attention_impl
-    from maxprune.train.step import Teacher, init_state
 
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     options = llama.ModelOptions.from_config(cfg.model)
@@ -232,7 +235,6 @@ def aot_compile(cfg, topology: str | Topology, *, seq_len: int | None = None,
                                          for k in masks_lib.PRUNABLE}) if masks else None)
     teacher, teacher_params = None, None
     if cfg.train.teacher:
-        from maxprune.model.model_dir import read_arch
         teacher = Teacher(read_arch(cfg.train.teacher), cfg.train.kd_weight, cfg.train.kd_temperature)
         teacher_params = llama.abstract_params(teacher.arch)
     step = build.build_step(cfg, arch, mesh, state, optimizer, schedule, options=options, masks=mask_tree,
@@ -284,7 +286,6 @@ def aot_compile(cfg, topology: str | Topology, *, seq_len: int | None = None,
 
 def tpu_devices(topo: Topology) -> list:
     """The topology's (virtual) TPU devices from libtpu; MaxpruneError if libtpu is missing."""
-    import jax
 
     install = f"JAX TPU support not installed: pip install 'jax[tpu]=={jax.__version__}'"
     if not libtpu_available():
@@ -334,11 +335,9 @@ def libtpu_available() -> bool:
 
 def _arch_and_masks_dir(cfg):
     """The Arch the run trains (the init model dir's, else the config's) and a dir holding masks, if any."""
-    from maxprune.model.schema import arch_from_config
 
     source = cfg.train.init or cfg.train.masks_from
     if cfg.train.init:
-        from maxprune.model.model_dir import read_arch
         arch = read_arch(cfg.train.init)
     else:
         arch = arch_from_config(cfg)

@@ -29,8 +29,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+from maxprune import sharding
 from maxprune.errors import MaxpruneError
+from maxprune.model import masks as masks_lib
 from maxprune.model.arch import Arch
+from maxprune.model.schema import arch_from_config
+from maxprune.train import build
+from maxprune.train import metrics as metrics_lib
+from maxprune.train.setup import init_sharded
+from maxprune.train.step import init_state
 
 PAPER_TABLES = Path(__file__).parents[1] / "study" / "paper_tables"
 SPARSE_METHODS = ("wanda", "sparsegpt")
@@ -127,14 +137,7 @@ def select(all_variants: list[Variant], names: str | None) -> list[Variant]:
 def measure(variant: Variant, cfg, mesh, *, seq_len: int, global_batch: int, steps: int, warmup: int,
             seed: int = 0, trace_dir: Path | None = None) -> dict[str, Any]:
     """Compile and time `variant`'s train step; returns step times (s) and compile time."""
-    import jax
-    import jax.numpy as jnp
 
-    from maxprune import sharding
-    from maxprune.model import masks as masks_lib
-    from maxprune.train import build
-    from maxprune.train.setup import init_sharded
-    from maxprune.train.step import init_state
 
     arch = variant.arch
     optimizer, schedule = build.optimizer_and_schedule(cfg.train, 1000)  # shapes do not depend on the length
@@ -184,11 +187,7 @@ def bench_step(cfg, *, seq_len: int = 2048, scale: float = 1.0, names: str | Non
                steps: int = 5, warmup: int = 2, trace_dir: str | Path | None = None,
                progress=print) -> dict[str, Any]:
     """Measure every variant of the config's model; the report as a JSON-able dict."""
-    import jax
 
-    from maxprune import sharding
-    from maxprune.model.schema import arch_from_config
-    from maxprune.train import metrics as metrics_lib
 
     if steps < 1 or warmup < 0:
         raise MaxpruneError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
@@ -277,7 +276,6 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     """`out_dir/bench_step.{md,json}` (process 0 only in a multi-host job)."""
-    import jax
 
     out = Path(out_dir)
     md, js = out / "bench_step.md", out / "bench_step.json"

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxprune.data.loader import make_loader
+from maxprune.data.prepared import open_prepared
 from maxprune.errors import MaxpruneError
 from maxprune.model.arch import Arch
 from maxprune.prune.engine.activations import check_calibration
@@ -48,8 +50,6 @@ def token_stream(p, calibration_NL, arch: Arch) -> Stream:
 
 
 def _prepared_stream(p, arch: Arch) -> Stream:
-    from maxprune.data.loader import make_loader
-    from maxprune.data.prepared import open_prepared
     ds = open_prepared(p.calibration)
     if ds.manifest.tokenizer["vocab_size"] > arch.vocab_size:
         raise MaxpruneError(f"prune.calibration={p.calibration} uses a tokenizer of "
