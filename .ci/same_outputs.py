@@ -125,6 +125,18 @@ def tensors(ckpt: Path) -> dict[str, str]:
     return out
 
 
+def comparable(data: bytes, roots: tuple[str, ...]):
+    """JSON (.json, orbax's metadata files) normalized; text with paths replaced and printed timings
+    ("0.80 s/layer") dropped; anything else by its sha256."""
+    try:
+        return normalized(json.loads(data), roots)
+    except ValueError:  # not JSON (UnicodeDecodeError is one too)
+        try:
+            return re.sub(r"\d+(?:\.\d+)? ?s\b", "<time>", normalized(data.decode(), roots))
+        except UnicodeDecodeError:
+            return hashlib.sha256(data).hexdigest()
+
+
 def fingerprint(out: Path, roots: tuple[str, ...]) -> dict[str, object]:
     """{relative path (or path#leaf): comparable value} of everything a side wrote."""
     found: dict[str, object] = {}
@@ -142,16 +154,7 @@ def fingerprint(out: Path, roots: tuple[str, ...]) -> dict[str, object]:
         if p.suffix == ".jsonl":
             found[rel] = [normalized(json.loads(line), roots) for line in p.read_text().splitlines() if line]
             continue
-        data = p.read_bytes()
-        try:
-            found[rel] = normalized(json.loads(data), roots)  # .json, and orbax's metadata files
-            continue
-        except ValueError:
-            pass
-        try:  # text: paths replaced, timings printed in it ("0.80 s/layer") dropped
-            found[rel] = re.sub(r"\d+(?:\.\d+)? ?s\b", "<time>", normalized(data.decode(), roots))
-        except UnicodeDecodeError:
-            found[rel] = hashlib.sha256(data).hexdigest()
+        found[rel] = comparable(p.read_bytes(), roots)
     return found
 
 
